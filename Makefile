@@ -1,0 +1,37 @@
+# Every target sets up .venv first: a missing or stale environment (pyproject.toml or
+# constraints.txt newer than the last install, or a venv made by another Python) is rebuilt.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo
+
+.PHONY: venv test demo bench constraints clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "imgrec needs Python >= 3.11; run make PYTHON=python3.11"'
+	@if [ -x $(PY) ] && ! $(PY) -c 'import sys' >/dev/null 2>&1; then echo "rebuilding broken $(VENV)"; rm -rf $(VENV); fi
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q
+
+# The demo end to end: a synthetic ImageNet-style dataset, verified and inspected.
+demo: venv
+	$(VENV)/bin/imgrec synth $(DEMO)/data
+	$(VENV)/bin/imgrec verify $(DEMO)/data
+	$(VENV)/bin/imgrec inspect $(DEMO)/data --out $(DEMO)/inspect.png
+
+bench: venv
+	$(PY) benchmarks/synth_difficulty.py
+
+constraints: venv
+	$(PY) -m pip freeze --exclude-editable | grep -v '^imgrec' > constraints.new && mv constraints.new constraints.txt
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info

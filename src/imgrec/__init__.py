@@ -1,0 +1,47 @@
+"""imgrec: ImageNet-style image recognition, from a folder of images to a served classifier.
+
+The public API. Names are imported on first use, so that ``import imgrec`` (and every CLI
+command) does not pay for torch and timm until it needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "DataConfig": "imgrec.config",
+    "BadImageError": "imgrec.data.decode",
+    "load_rgb": "imgrec.data.decode",
+    "DatasetError": "imgrec.data.folder",
+    "ImageFolderDataset": "imgrec.data.folder",
+    "SkipLog": "imgrec.data.folder",
+    "load_splits": "imgrec.data.folder",
+    "write_class_index": "imgrec.data.folder",
+    "TrainTransform": "imgrec.data.transforms",
+    "EvalTransform": "imgrec.data.transforms",
+    "BatchNormalize": "imgrec.data.transforms",
+    "resolve_data_config": "imgrec.data.transforms",
+    "create_loader": "imgrec.data.loader",
+    "SynthSpec": "imgrec.data.synth",
+    "write_synth_dataset": "imgrec.data.synth",
+    "verify_folder": "imgrec.data.verify",
+    "inspect_pipeline": "imgrec.data.inspect",
+    "create_model": "imgrec.models.factory",
+    "list_architectures": "imgrec.models.factory",
+    "WeightsError": "imgrec.models.factory",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'imgrec' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

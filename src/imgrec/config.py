@@ -1,0 +1,97 @@
+"""Dataclass configs, their YAML form, and ``key=value`` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from imgrec.data.decode import DEFAULT_MAX_PIXELS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """How images become tensors: the model's preprocessing plus the training augmentation.
+
+    ``img_size``, ``crop_pct``, ``interpolation``, ``mean`` and ``std`` normally come from the
+    model's pretrained data config (see ``imgrec.data.transforms.resolve_data_config``); the rest
+    is the training recipe.
+    """
+
+    img_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # RandomResizedCrop: area fraction and aspect-ratio range of the crop.
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = None  # "trivial", or "rand" / "rand-m9-n2" (magnitude, ops)
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    random_erasing: float = 0.0  # probability, applied per image on the device after normalisation
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bad_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.img_size < 1:
+            raise ValueError(f"img_size must be a positive number of pixels, got {self.img_size}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
+
+
+T = TypeVar("T")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict (tuples as lists) that YAML and JSON can hold."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def save_yaml(config: Any, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return from_dict(cls, values, source=str(path))
+
+
+def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {source}: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def apply_overrides(config: T, overrides: list[str]) -> T:
+    """A copy of ``config`` with ``key=value`` strings applied; values are parsed as YAML."""
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        changes[key.strip()] = yaml.safe_load(raw)
+    merged = {**to_dict(config), **changes}
+    return from_dict(type(config), merged, source="overrides")
+
+
+__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "apply_overrides", "from_dict", "load_yaml", "save_yaml", "to_dict"]

@@ -1,0 +1,1 @@
+"""Datasets, decoding, transforms and loaders: everything between image files and a batch."""

@@ -1,0 +1,251 @@
+"""ImageFolder datasets (``ROOT/<class>/**/image``) that skip bad files instead of crashing.
+
+The layout is torchvision's and ImageNet's: one folder per class, classes sorted by name, any
+depth of sub-folders inside a class. A dataset root holds ``train/`` and ``val/`` with the same
+classes. A file that fails to decode is logged (path and reason, once) and replaced by the next
+good sample, so a handful of broken files never ends a long run; too many of them (more than
+``max_bad_fraction`` of the dataset) is a clear error, because then something is wrong with the
+data rather than with a few files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, load_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MAX_BAD_FRACTION = 0.01
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole is unusable (missing root, empty class, mismatched splits...)."""
+
+
+def is_image_file(name: str) -> bool:
+    """True for a visible file with an image extension, in any letter case."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def iter_image_files(folder: str | os.PathLike) -> list[Path]:
+    """All image files below ``folder`` at any depth, hidden files and folders left out, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, name) for name in filenames if is_image_file(name))
+    return sorted(found)
+
+
+def find_classes(root: str | os.PathLike) -> list[str]:
+    """The class names of an ImageFolder root: its visible sub-folders, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"dataset folder {root} {what}: pass a folder laid out as ROOT/<class>/<images>")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(
+            f"no class folders in {root}: images must sit in one sub-folder per class, "
+            f"as in {root}/<class>/<image>.jpg"
+        )
+    return classes
+
+
+def scan_image_folder(
+    root: str | os.PathLike, classes: list[str] | None = None
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) for every image below ``root``, and the class names in index order.
+
+    ``classes`` fixes the class list (and so the indices), e.g. to make ``val/`` use the indices of
+    ``train/``; by default it is every sub-folder of ``root``. A class folder without images is an
+    error: an empty class would silently never be predicted.
+    """
+    root = Path(root)
+    classes = find_classes(root) if classes is None else list(classes)
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for index, name in enumerate(classes):
+        files = iter_image_files(root / name)
+        if not files:
+            empty.append(name)
+        samples.extend((str(f), index) for f in files)
+    if empty:
+        raise DatasetError(
+            f"{len(empty)} class folder(s) in {root} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}, any case): {', '.join(empty[:10])}"
+            f"{' ...' if len(empty) > 10 else ''}. Add images or remove the folder(s)."
+        )
+    return samples, classes
+
+
+class SkipLog:
+    """The bad files met while loading, one JSON line each, shared by all DataLoader workers.
+
+    Each worker holds its own copy of the dataset, so an in-memory list would only see one
+    worker's share. Appending a short line to one file is atomic on local file systems, so the
+    file collects every worker's records and any process can read the total. Each worker writes
+    a file at most once; ``entries()`` also de-duplicates across workers and epochs.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        if path is None:
+            path = Path(tempfile.gettempdir(), f"imgrec-skipped-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl")
+        self.path = Path(path)
+        self._written: set[str] = set()
+
+    def record(self, path: str, reason: str) -> None:
+        if path in self._written:
+            return
+        self._written.add(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"path": path, "reason": reason}) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+
+    def entries(self) -> dict[str, str]:
+        """{path: reason} for every distinct bad file recorded so far, by any process."""
+        if not self.path.exists():
+            return {}
+        seen: dict[str, str] = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                seen.setdefault(entry["path"], entry["reason"])
+        return seen
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+
+class ImageFolderDataset:
+    """A map-style dataset of (image, class index) over ``ROOT/<class>/**/image``.
+
+    ``transform`` receives an RGB PIL image (the presets in ``imgrec.data.transforms`` return
+    uint8 CHW tensors). A file that cannot be decoded is recorded in ``skip_log`` and replaced by
+    the next good sample in index order, so every index always yields a sample.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        classes: list[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+        skip_log: SkipLog | None = None,
+    ):
+        self.root = Path(root)
+        self.samples, self.classes = scan_image_folder(self.root, classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.max_bad_fraction = max_bad_fraction
+        self.skip_log = skip_log if skip_log is not None else SkipLog()
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Any, int]:
+        """Decode and transform sample ``index``; raises ``BadImageError`` if its file is bad."""
+        path, label = self.samples[index]
+        image = load_rgb(path, self.max_pixels)
+        return (self.transform(image) if self.transform is not None else image), label
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            try:
+                return self.load(candidate)
+            except BadImageError as exc:
+                self._skip(exc)
+        raise DatasetError(f"no readable image in {self.root}: every file failed to decode")
+
+    def _skip(self, exc: BadImageError) -> None:
+        self.skip_log.record(exc.path, exc.reason)
+        bad = len(self.skip_log)
+        if bad > self.max_bad_fraction * len(self.samples):
+            raise DatasetError(
+                f"{bad} of {len(self.samples)} files in {self.root} are unreadable, more than the "
+                f"allowed {self.max_bad_fraction:.1%} (max_bad_fraction); the latest: {exc}. "
+                f"Run `imgrec verify {self.root}` to list them all; fix or remove them, or raise the limit."
+            )
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+@dataclass
+class DatasetSplits:
+    train: ImageFolderDataset
+    val: ImageFolderDataset
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+
+def split_dirs(root: str | os.PathLike) -> tuple[Path, Path]:
+    """``root/train`` and ``root/val``, or an error that says what the layout must be."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist: expected {root}/train/<class>/... and {root}/val/<class>/...")
+    missing = [name for name in ("train", "val") if not (root / name).is_dir()]
+    if missing:
+        raise DatasetError(
+            f"dataset root {root} has no {' and no '.join(m + '/' for m in missing)} folder: "
+            f"an ImageNet-style root holds train/<class>/... and val/<class>/... "
+            f"(raw ILSVRC val images with a labels file are a separate case)"
+        )
+    return root / "train", root / "val"
+
+
+def check_same_classes(train_classes: list[str], val_classes: list[str], root: str | os.PathLike) -> None:
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    if only_train or only_val:
+        parts = []
+        if only_train:
+            parts.append(f"only in train/: {', '.join(only_train[:10])}{' ...' if len(only_train) > 10 else ''}")
+        if only_val:
+            parts.append(f"only in val/: {', '.join(only_val[:10])}{' ...' if len(only_val) > 10 else ''}")
+        raise DatasetError(
+            f"train/ and val/ in {root} have different classes ({'; '.join(parts)}). "
+            f"Both splits need the same class folders, so that indices mean the same class in each."
+        )
+
+
+def load_splits(
+    root: str | os.PathLike,
+    train_transform: Callable[[Any], Any] | None = None,
+    eval_transform: Callable[[Any], Any] | None = None,
+    **dataset_options: Any,
+) -> DatasetSplits:
+    """The train and val datasets of an ImageNet-style root, checked to share one class list."""
+    train_dir, val_dir = split_dirs(root)
+    train_classes, val_classes = find_classes(train_dir), find_classes(val_dir)
+    check_same_classes(train_classes, val_classes, root)
+    train = ImageFolderDataset(train_dir, train_transform, classes=train_classes, **dataset_options)
+    val = ImageFolderDataset(val_dir, eval_transform, classes=train_classes, **dataset_options)
+    return DatasetSplits(train=train, val=val)
+
+
+def write_class_index(path: str | os.PathLike, classes: list[str]) -> None:
+    """Save the class-to-index mapping as JSON ({"classes": [...], "class_to_idx": {...}})."""
+    payload = {"classes": list(classes), "class_to_idx": {name: i for i, name in enumerate(classes)}}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def read_class_index(path: str | os.PathLike) -> list[str]:
+    return list(json.loads(Path(path).read_text(encoding="utf-8"))["classes"])

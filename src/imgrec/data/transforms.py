@@ -1,0 +1,184 @@
+"""Train and eval transform presets (PIL image -> uint8 CHW tensor) and the on-device batch step.
+
+Images stay uint8 all the way through the workers and the collate (a quarter of float32's bytes
+through shared memory and over PCIe); ``BatchNormalize`` turns a whole batch into normalised
+floats once it is on the device. The model's own data config (timm's ``pretrained_cfg``) gives
+the input size, crop_pct, interpolation, mean and std, so nobody retypes them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from imgrec.config import DataConfig
+
+INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def resolve_data_config(model: torch.nn.Module | None = None, base: DataConfig | None = None, **overrides: Any) -> DataConfig:
+    """The data config for ``model``: its pretrained config's preprocessing, then ``overrides``.
+
+    Only ``img_size``, ``crop_pct``, ``interpolation``, ``mean`` and ``std`` come from the model;
+    overrides whose value is ``None`` are ignored, so CLI flags can be passed straight through.
+    """
+    config = base or DataConfig()
+    if model is not None:
+        from timm.data import resolve_model_data_config
+
+        timm_config = resolve_model_data_config(model)
+        config = replace(
+            config,
+            img_size=int(timm_config["input_size"][-1]),
+            crop_pct=float(timm_config["crop_pct"]),
+            interpolation=timm_config["interpolation"] if timm_config["interpolation"] in INTERPOLATIONS else "bicubic",
+            mean=tuple(timm_config["mean"]),
+            std=tuple(timm_config["std"]),
+        )
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class StepwiseTransform:
+    """A sequence of named steps; ``steps`` lets ``imgrec inspect`` show each one's output."""
+
+    steps: list[tuple[str, Callable[[Any], Any]]]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        for _, step in self.steps:
+            image = step(image)
+        return image
+
+    def __repr__(self) -> str:
+        names = ", ".join(name for name, _ in self.steps)
+        return f"{type(self).__name__}({names})"
+
+
+class TrainTransform(StepwiseTransform):
+    """RandomResizedCrop + horizontal flip, optional TrivialAugment/RandAugment and rotation.
+
+    Returns a uint8 CHW tensor of ``img_size`` x ``img_size``. Random erasing, mixup/cutmix and
+    normalisation work on batches on the device (``BatchNormalize``, the training loop).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        interpolation: str = "bilinear",
+        auto_augment: str | None = None,
+        rotation: float = 0.0,
+        fill: tuple[int, int, int] = (124, 116, 104),
+    ):
+        mode = INTERPOLATIONS[interpolation]
+        self.steps = [("random_resized_crop", v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True))]
+        if hflip > 0:
+            self.steps.append(("horizontal_flip", v2.RandomHorizontalFlip(hflip)))
+        if auto_augment:
+            self.steps.append(("auto_augment", auto_augment_transform(auto_augment, mode, fill)))
+        if rotation:
+            self.steps.append(("rotation", v2.RandomRotation(rotation, interpolation=mode, fill=list(fill))))
+        self.steps.append(("to_uint8_tensor", v2.PILToTensor()))
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> TrainTransform:
+        fill = tuple(round(m * 255) for m in config.mean)
+        return cls(
+            img_size=config.img_size,
+            scale=config.scale,
+            ratio=config.ratio,
+            hflip=config.hflip,
+            interpolation=config.interpolation,
+            auto_augment=config.auto_augment,
+            rotation=config.rotation,
+            fill=fill,
+        )
+
+
+class EvalTransform(StepwiseTransform):
+    """Resize the shorter side to ``floor(img_size / crop_pct)``, then centre-crop ``img_size``.
+
+    timm's crop_pct convention: with 224 and 0.875 the image is resized to 256 and cropped to 224.
+    """
+
+    def __init__(self, *, img_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic"):
+        self.resize_size = math.floor(img_size / crop_pct)
+        mode = INTERPOLATIONS[interpolation]
+        self.steps = [
+            ("resize_shorter_side", v2.Resize(self.resize_size, interpolation=mode, antialias=True)),
+            ("center_crop", v2.CenterCrop(img_size)),
+            ("to_uint8_tensor", v2.PILToTensor()),
+        ]
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> EvalTransform:
+        return cls(img_size=config.img_size, crop_pct=config.crop_pct, interpolation=config.interpolation)
+
+
+def auto_augment_transform(spec: str, interpolation: InterpolationMode, fill: tuple[int, int, int]) -> Callable[[Any], Any]:
+    """``trivial`` (TrivialAugmentWide) or ``rand[-mM][-nN]`` (RandAugment, magnitude M, N ops)."""
+    spec = spec.lower()
+    if spec in ("trivial", "trivialaugment", "ta"):
+        return v2.TrivialAugmentWide(interpolation=interpolation, fill=list(fill))
+    match = re.fullmatch(r"rand(?:-m(\d+))?(?:-n(\d+))?", spec)
+    if match:
+        magnitude, num_ops = int(match.group(1) or 9), int(match.group(2) or 2)
+        return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, interpolation=interpolation, fill=list(fill))
+    raise ValueError(f"unknown auto_augment {spec!r}: use 'trivial' or 'rand', 'rand-m9-n2' (magnitude 9, 2 ops)")
+
+
+class BatchNormalize(torch.nn.Module):
+    """uint8 NCHW batch -> normalised float batch, on whatever device the batch is on.
+
+    Optionally in channels_last memory format, and with random erasing (timm's, per-pixel normal
+    noise) applied after normalisation, which is where that augmentation is defined.
+    """
+
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        channels_last: bool = False,
+        random_erasing: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)), persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1), persistent=False)
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.erase = None
+        if random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(probability=random_erasing, mode="pixel", device="cpu")
+
+    @classmethod
+    def from_config(cls, config: DataConfig, *, train: bool = False, channels_last: bool = False) -> BatchNormalize:
+        return cls(config.mean, config.std, channels_last=channels_last, random_erasing=config.random_erasing if train else 0.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"BatchNormalize expects a uint8 batch, got {images.dtype}")
+        x = images.to(torch.float32) * self.scale - self.shift
+        if self.erase is not None:
+            self.erase.device = x.device
+            x = self.erase(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype)

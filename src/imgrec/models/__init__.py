@@ -1,0 +1,1 @@
+"""Models: timm architectures by name, weights from local files."""

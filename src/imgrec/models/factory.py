@@ -1,0 +1,148 @@
+"""timm models by name, with pretrained weights from a local file only.
+
+``create_model("resnet50", num_classes=10, pretrained="resnet50.safetensors")`` builds the timm
+architecture and loads the file, in timm's key layout or torchvision's (timm ships converters for
+the architectures whose layouts differ). A classifier whose class count differs from the file's
+is re-initialised; every other missing or unexpected key is an error that lists them, because a
+silently half-loaded backbone trains, but badly. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+# Names under which timm's model modules keep their converters from other key layouts.
+_FILTER_FUNCTIONS = ("checkpoint_filter_fn", "_filter_fn", "_filter_torchvision_pretrained")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded into the requested model."""
+
+
+def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | None = None, **kwargs: Any) -> torch.nn.Module:
+    """A timm model ``name`` with a ``num_classes``-way head, optionally loaded from a local file.
+
+    ``pretrained`` is a .safetensors file, or a .pth/.pt file holding a state dict or a
+    checkpoint dict with one (under ``state_dict``, ``model``, ``state_dict_ema``...). Other
+    keyword arguments go to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
+    """
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name}*")[:8]
+        hint = f" Close matches: {', '.join(close)}." if close else " `imgrec models PATTERN` lists them."
+        raise ValueError(f"unknown model {name!r}.{hint}")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, never unpickling anything but tensors and plain containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist (pretrained weights must be a local file)")
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"cannot read weights from {path}: {exc}. Expected a .safetensors file or a .pth/.pt "
+            f"state dict saved with torch.save(model.state_dict(), ...)"
+        ) from None
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path} holds no tensors: expected a state dict of model weights")
+    return tensors
+
+
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a local weights file into ``model`` in place; see ``create_model`` for the rules."""
+    state = _match_layout(read_state_dict(path), model)
+    expected = model.state_dict()
+    head = classifier_keys(model)
+    reset = [k for k in head if k in state and state[k].shape != expected[k].shape]
+    for key in reset:  # a different class count: keep the model's freshly initialised head
+        del state[key]
+    wrong_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    missing = [k for k in expected if k not in state and k not in reset]
+    unexpected = [k for k in state if k not in expected]
+    if wrong_shape or missing or unexpected:
+        raise WeightsError(_mismatch_message(path, model, missing, unexpected, wrong_shape))
+    model.load_state_dict(state, strict=not reset)
+
+
+def classifier_keys(model: torch.nn.Module) -> list[str]:
+    """The state-dict keys of the model's classifier head(s), from its timm config."""
+    names = model.pretrained_cfg.get("classifier") or ()
+    prefixes = (names,) if isinstance(names, str) else tuple(names)
+    return [k for k in model.state_dict() if any(k == p or k.startswith(p + ".") for p in prefixes)]
+
+
+def _match_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` as is if its keys fit the model, else converted by timm's filter for that model."""
+    expected = set(model.state_dict())
+    if set(state) == expected:
+        return state
+    module = importlib.import_module(type(model).__module__)
+    best, best_overlap = state, len(set(state) & expected)
+    for fn_name in _FILTER_FUNCTIONS:
+        fn = getattr(module, fn_name, None)
+        if fn is None:
+            continue
+        try:
+            takes_model = len(inspect.signature(fn).parameters) >= 2
+            converted = fn(dict(state), model) if takes_model else fn(dict(state))
+        except Exception:  # a converter for another layout than this file's
+            continue
+        overlap = len(set(converted) & expected)
+        if overlap > best_overlap:
+            best, best_overlap = converted, overlap
+    return best
+
+
+def _mismatch_message(path: Any, model: torch.nn.Module, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
+    arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+    lines = [f"weights in {path} do not fit {arch}:"]
+    for title, keys in (("missing from the file", missing), ("in the file but not in the model", unexpected), ("different shapes", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
+            lines.append(f"  {title}: {shown}")
+    lines.append("Check that the file was saved from the same architecture (and variant) as --model.")
+    return "\n".join(lines)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    params: int  # all parameters, with the default 1000-class head
+
+
+def list_architectures(pattern: str = "*", with_params: bool = True) -> list[ModelInfo]:
+    """timm architectures whose name matches the glob ``pattern``, with parameter counts.
+
+    Counting builds each model on the "meta" device: shapes only, no memory, no weights.
+    """
+    names = timm.list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
+    infos = []
+    for name in names:
+        params = -1
+        if with_params:
+            try:
+                with torch.device("meta"):
+                    params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            except Exception:  # a few architectures cannot be built on meta; show them without a count
+                params = -1
+        infos.append(ModelInfo(name, params))
+    return infos
+
+
+__all__ = ["ModelInfo", "WeightsError", "classifier_keys", "create_model", "list_architectures", "load_pretrained", "read_state_dict"]
