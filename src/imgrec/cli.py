@@ -16,8 +16,7 @@ from rich.table import Table
 
 from imgrec.data.folder import DatasetError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long paths stay on one line, greppable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (DatasetError, FileNotFoundError, IndexError, ValueError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
@@ -169,7 +168,7 @@ def run_models(args: argparse.Namespace) -> int:
     with_params = args.params if args.params is not None else len(names) <= 100
     infos = list_architectures(args.pattern, with_params=True) if with_params else names
     if not infos:
-        err_console.print(f"no architecture matches {args.pattern!r}")
+        print(f"no architecture matches {args.pattern!r}", file=sys.stderr)
         return 1
     table = Table(title=f"{len(infos)} architectures", title_justify="left")
     table.add_column("model")

@@ -9,6 +9,7 @@ so that callers can skip the file instead of crashing a long run.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +54,10 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
 def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """``load_rgb`` that also tells the stored format and colour mode."""
     path = Path(path)
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses images over twice its MAX_IMAGE_PIXELS itself; a user who asked for
+        # bigger images gets them (this is the one place imgrec changes a Pillow setting).
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         if path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)")
@@ -65,9 +70,15 @@ def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
                 return DecodedImage(to_rgb(ImageOps.exif_transpose(img)), stored_format, stored_mode)
     except BadImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"too many pixels (decompression bomb?): {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own hard cap, hit before ours can look
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(declared.group(1)):,} pixels declared" if declared else str(exc)
+        raise BadImageError(path, f"too many pixels: {count}, over the limit (a decompression bomb, or a huge image)") from None
     except Image.UnidentifiedImageError:
+        if _starts_like_an_image(path):  # e.g. a PNG cut off after its header: Pillow can't open it
+            raise BadImageError(
+                path, "truncated or corrupt image data: it starts like an image file but its header is incomplete"
+            ) from None
         raise BadImageError(path, "not an image: Pillow recognises no image format in it") from None
     except FileNotFoundError:
         raise BadImageError(path, "file not found (moved or deleted after the scan?)") from None
@@ -76,6 +87,23 @@ def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for broken data
         message = str(exc) or type(exc).__name__
         raise BadImageError(path, f"truncated or corrupt image data: {message}") from None
+
+
+def _starts_like_an_image(path: Path) -> bool:
+    """Whether the file's first bytes match a format Pillow knows (its signature check only)."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(16)
+    except OSError:
+        return False
+    Image.init()
+    for _factory, accept in Image.OPEN.values():
+        try:
+            if accept is not None and accept(prefix):
+                return True
+        except Exception:
+            continue
+    return False
 
 
 def check_pixel_count(path: str | os.PathLike, size: tuple[int, int], max_pixels: int) -> None:

@@ -9,6 +9,7 @@ silently half-loaded backbone trains, but badly. Nothing here touches the networ
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
@@ -35,7 +36,9 @@ def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | No
     keyword arguments go to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
     """
     if name not in timm.list_models():
-        close = timm.list_models(f"*{name}*")[:8]
+        # Names containing the given one, then spelling neighbours (typos, wrong case).
+        known = timm.list_models()
+        close = list(dict.fromkeys(timm.list_models(f"*{name.lower()}*") + difflib.get_close_matches(name.lower(), known, n=8, cutoff=0.6)))[:8]
         hint = f" Close matches: {', '.join(close)}." if close else " `imgrec models PATTERN` lists them."
         raise ValueError(f"unknown model {name!r}.{hint}")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)

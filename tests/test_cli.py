@@ -1,0 +1,109 @@
+"""The console script as a user runs it: synth, verify, inspect, models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imgrec.data.verify import verify_folder
+
+IMGREC = shutil.which("imgrec") or str(Path(sys.executable).with_name("imgrec"))
+
+
+def imgrec(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([IMGREC, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_synth_verify_inspect_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    made = imgrec("synth", str(data), "--classes", "10", "--train-per-class", "4", "--val-per-class", "2", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    assert len(list((data / "train").glob("*/*.jpg"))) == 40
+    assert len(list((data / "val").glob("*/*.jpg"))) == 20
+
+    checked = imgrec("verify", str(data), "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    report = json.loads(checked.stdout)
+    assert report["files"] == 60 and report["bad"] == 0 and report["bad_files"] == []
+    assert report["per_format"] == {"JPEG": 60}
+    assert len(report["per_class"]) == 20  # train/<shape> and val/<shape>
+    assert all(v == {"files": 4, "bad": 0} for k, v in report["per_class"].items() if k.startswith("train/"))
+
+    human = imgrec("verify", str(data))
+    assert human.returncode == 0 and "60 files checked, 0 bad" in human.stdout
+
+    grid = tmp_path / "grid.png"
+    shown = imgrec("inspect", str(data), "--img-size", "64", "--samples", "9", "--out", str(grid))
+    assert shown.returncode == 0, shown.stderr
+    for step in ("load_rgb", "random_resized_crop", "horizontal_flip", "resize_shorter_side", "center_crop", "batch_normalize"):
+        assert step in shown.stdout
+    assert "tensor uint8 (3, 64, 64)" in shown.stdout
+    with Image.open(grid) as image:  # 3x3 tiles of 64 px plus padding and captions
+        assert image.format == "PNG" and image.width == 3 * 68 and image.height == 3 * (64 + 14 + 4)
+
+
+def test_verify_reports_exactly_the_bad_files(odd_folder) -> None:
+    root, good, bad = odd_folder
+    result = imgrec("verify", str(root), "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert {f["path"] for f in report["bad_files"]} == bad
+    assert report["files"] == len(good) + len(bad) + 7  # plus the plain class files
+    reasons = {Path(f["path"]).name: f["reason"] for f in report["bad_files"]}
+    assert "empty" in reasons["empty.jpg"]
+    assert "too many pixels" in reasons["bomb.png"] and "3,600,000,000" in reasons["bomb.png"]
+    assert "not an image" in reasons["text.jpg"]
+    assert [m["path"] for m in report["misnamed"]] == [str(root / "train" / "odd" / "png_named.JPEG")]
+
+    human = imgrec("verify", str(root))
+    assert human.returncode == 1
+    assert f"{len(bad)} bad file(s)" in human.stdout and "bomb.png" in human.stdout
+
+
+def test_verify_api_matches_cli_and_checks_good_files(odd_folder) -> None:
+    root, good, bad = odd_folder
+    report = verify_folder(root, workers=2)
+    assert {f.path for f in report.bad} == bad
+    assert good <= {f.path for f in report.good}
+    modes = {Path(f.path).name: f.mode for f in report.good}
+    assert modes["cmyk.jpg"] == "CMYK" and modes["grey16.png"] == "I;16"
+    sizes = {Path(f.path).name: (f.width, f.height) for f in report.good}
+    assert sizes["rotated.jpg"] == (30, 40)  # EXIF orientation 6 applied
+    assert sizes["wide.jpg"] == (2000, 20) and sizes["one_pixel.png"] == (1, 1)
+
+
+def test_verify_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    result = imgrec("verify", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert "nope" in result.stderr and "is not a folder" in result.stderr
+
+
+def test_inspect_with_model_config_and_bad_root(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert imgrec("synth", str(data), "--classes", "3", "--train-per-class", "2", "--val-per-class", "1").returncode == 0
+    shown = imgrec("inspect", str(data), "--model", "resnet18", "--samples", "0")
+    assert shown.returncode == 0, shown.stderr
+    assert "crop_pct 0.95" in shown.stdout and "bicubic" in shown.stdout  # from timm's resnet18 config
+    assert "tensor uint8 (3, 224, 224)" in shown.stdout
+
+    missing = imgrec("inspect", str(tmp_path / "missing"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_models_lists_architectures_with_params() -> None:
+    result = imgrec("models", "resnet18")
+    assert result.returncode == 0
+    row = next(line for line in result.stdout.splitlines() if " resnet18 " in line)
+    assert "11.69" in row
+    assert imgrec("models", "no_such_model_xyz").returncode == 1
+
+
+@pytest.mark.parametrize("args", [["--help"], ["synth", "--help"], ["verify", "--help"]])
+def test_help_works(args: list[str]) -> None:
+    assert imgrec(*args).returncode == 0
