@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from imagefiles import png_chunk, png_header
 from imgrec.data.decode import (
     BACKGROUND_RGB,
     BadImageError,
@@ -35,18 +35,6 @@ def assert_rgb8(img: Image.Image, size: tuple[int, int]) -> None:
     assert img.size == size
     assert np.asarray(img).dtype == np.uint8
     assert np.asarray(img).shape == (size[1], size[0], 3)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_ihdr(width: int, height: int) -> bytes:
-    # 8-bit greyscale, deflate, no filter, no interlace
-    return png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
 
 
 # ----------------------------------------------------------------------------- readable images
@@ -263,7 +251,7 @@ def _text(path):
 
 
 def _header_only_png(path):
-    path.write_bytes(PNG_SIGNATURE + png_ihdr(16, 16))
+    path.write_bytes(png_header(16, 16))
 
 
 def _bomb_png(path):
@@ -271,7 +259,7 @@ def _bomb_png(path):
     row = b"\x00" + b"\x00" * width  # filter byte + pixels of the first row only
     idat = zlib.compress(row, 9)
     path.write_bytes(
-        PNG_SIGNATURE + png_ihdr(width, height) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+        png_header(width, height) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
     )
 
 

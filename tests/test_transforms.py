@@ -8,8 +8,20 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from imgrec.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, apply_overrides, load_yaml, save_yaml
-from imgrec.data.transforms import BatchNormalize, EvalTransform, TrainTransform, resolve_data_config
+from imgrec.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataConfig,
+    apply_overrides,
+    load_yaml,
+    save_yaml,
+)
+from imgrec.data.transforms import (
+    BatchNormalize,
+    EvalTransform,
+    TrainTransform,
+    resolve_data_config,
+)
 
 
 def _image(w, h, seed=0):

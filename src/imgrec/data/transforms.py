@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from imgrec.config import DataConfig
 
