@@ -31,7 +31,7 @@ bench: venv
 	$(PY) benchmarks/synth_difficulty.py
 
 constraints: venv
-	$(PY) -m pip freeze --exclude-editable | grep -v '^imgrec' > constraints.new && mv constraints.new constraints.txt
+	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v "^imgrec"; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

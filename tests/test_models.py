@@ -164,3 +164,10 @@ def test_list_architectures():
     assert all(name.find("resnet18") >= 0 for name in infos)
     names = [i.name for i in list_architectures("resnet1?", with_params=False)]
     assert "resnet18" in names and "resnet50" not in names
+
+
+def test_list_architectures_counts_params_only_for_narrow_patterns():
+    everything = list_architectures("*")
+    assert len(everything) > 100 and all(info.params == -1 for info in everything)
+    narrow = list_architectures("resnet18")
+    assert {i.name for i in narrow} >= {"resnet18", "resnet18d"} and all(i.params > 0 for i in narrow)

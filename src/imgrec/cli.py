@@ -164,9 +164,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from imgrec.models.factory import list_architectures
 
-    names = list_architectures(args.pattern, with_params=False)
-    with_params = args.params if args.params is not None else len(names) <= 100
-    infos = list_architectures(args.pattern, with_params=True) if with_params else names
+    infos = list_architectures(args.pattern, with_params=args.params)
     if not infos:
         print(f"no architecture matches {args.pattern!r}", file=sys.stderr)
         return 1
@@ -176,8 +174,8 @@ def run_models(args: argparse.Namespace) -> int:
     for info in infos:
         table.add_row(info.name, f"{info.params / 1e6:.2f}" if info.params >= 0 else "-")
     console.print(table)
-    if not with_params:
-        console.print("parameter counts left out for more than 100 matches: narrow the pattern or pass --params")
+    if len(infos) > 100 and args.params is None:
+        console.print("parameter counts are left out when over 100 architectures match: narrow the pattern or pass --params")
     return 0
 
 

@@ -129,23 +129,26 @@ class ModelInfo:
     params: int  # all parameters, with the default 1000-class head
 
 
-def list_architectures(pattern: str = "*", with_params: bool = True) -> list[ModelInfo]:
-    """timm architectures whose name matches the glob ``pattern``, with parameter counts.
+def list_architectures(pattern: str = "*", with_params: bool | None = None) -> list[ModelInfo]:
+    """timm architectures whose name matches the glob (or substring) ``pattern``.
 
-    Counting builds each model on the "meta" device: shapes only, no memory, no weights.
+    Parameter counts come from building each model on the "meta" device (shapes only, no memory,
+    no weights); that still takes about 0.1 s a model, so by default (``with_params=None``) they
+    are counted only when 100 or fewer architectures match, and left at -1 otherwise.
     """
     names = timm.list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
-    infos = []
-    for name in names:
-        params = -1
-        if with_params:
-            try:
-                with torch.device("meta"):
-                    params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
-            except Exception:  # a few architectures cannot be built on meta; show them without a count
-                params = -1
-        infos.append(ModelInfo(name, params))
-    return infos
+    if with_params is None:
+        with_params = len(names) <= 100
+    return [ModelInfo(name, count_params(name) if with_params else -1) for name in names]
 
 
-__all__ = ["ModelInfo", "WeightsError", "classifier_keys", "create_model", "list_architectures", "load_pretrained", "read_state_dict"]
+def count_params(name: str) -> int:
+    """Parameters of timm's ``name`` with its default head; -1 if it cannot be built on meta."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+    except Exception:  # a few architectures cannot be built on meta; they are listed without a count
+        return -1
+
+
+__all__ = ["ModelInfo", "WeightsError", "classifier_keys", "create_model", "count_params", "list_architectures", "load_pretrained", "read_state_dict"]
