@@ -352,3 +352,17 @@ def test_decoded_sample_matches_load_rgb(tmp_path):
     image, label = dataset[0]
     assert label == 0
     assert np.array_equal(np.asarray(image), np.asarray(load_rgb(path)))
+
+
+def test_every_odd_file_trains_or_is_skipped(odd_folder, tmp_path):
+    """The whole odd-file zoo through the train and eval presets and a 2-worker loader."""
+    from imgrec.data.transforms import EvalTransform, TrainTransform
+
+    root, good, bad = odd_folder
+    for transform in (TrainTransform(img_size=32, auto_augment="trivial"), EvalTransform(img_size=32)):
+        log = SkipLog(tmp_path / f"{type(transform).__name__}.jsonl")
+        dataset = ImageFolderDataset(root / "train", transform, max_bad_fraction=0.5, skip_log=log)
+        batches = list(create_loader(dataset, batch_size=5, train=False, num_workers=2))
+        images = torch.cat([b[0] for b in batches])
+        assert images.shape == (len(dataset), 3, 32, 32) and images.dtype == torch.uint8
+        assert set(log.entries()) == bad
