@@ -79,8 +79,7 @@ def scan_image_folder(
     if empty:
         raise DatasetError(
             f"{len(empty)} class folder(s) in {root} hold no images "
-            f"({', '.join(IMAGE_EXTENSIONS)}, any case): {', '.join(empty[:10])}"
-            f"{' ...' if len(empty) > 10 else ''}. Add images or remove the folder(s)."
+            f"({', '.join(IMAGE_EXTENSIONS)}, any case): {_some(empty)}. Add images or remove the folder(s)."
         )
     return samples, classes
 
@@ -217,9 +216,9 @@ def check_same_classes(train_classes: list[str], val_classes: list[str], root: s
     if only_train or only_val:
         parts = []
         if only_train:
-            parts.append(f"only in train/: {', '.join(only_train[:10])}{' ...' if len(only_train) > 10 else ''}")
+            parts.append(f"only in train/: {_some(only_train)}")
         if only_val:
-            parts.append(f"only in val/: {', '.join(only_val[:10])}{' ...' if len(only_val) > 10 else ''}")
+            parts.append(f"only in val/: {_some(only_val)}")
         raise DatasetError(
             f"train/ and val/ in {root} have different classes ({'; '.join(parts)}). "
             f"Both splits need the same class folders, so that indices mean the same class in each."
@@ -239,6 +238,11 @@ def load_splits(
     train = ImageFolderDataset(train_dir, train_transform, classes=train_classes, **dataset_options)
     val = ImageFolderDataset(val_dir, eval_transform, classes=train_classes, **dataset_options)
     return DatasetSplits(train=train, val=val)
+
+
+def _some(names: list[str], limit: int = 10) -> str:
+    """The first ``limit`` names for an error message, with an ellipsis when there are more."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
 def write_class_index(path: str | os.PathLike, classes: list[str]) -> None:
