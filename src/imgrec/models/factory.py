@@ -35,9 +35,9 @@ def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | No
     checkpoint dict with one (under ``state_dict``, ``model``, ``state_dict_ema``...). Other
     keyword arguments go to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
     """
-    if name not in timm.list_models():
+    known = timm.list_models()
+    if name not in known:
         # Names containing the given one, then spelling neighbours (typos, wrong case).
-        known = timm.list_models()
         close = list(dict.fromkeys(timm.list_models(f"*{name.lower()}*") + difflib.get_close_matches(name.lower(), known, n=8, cutoff=0.6)))[:8]
         hint = f" Close matches: {', '.join(close)}." if close else " `imgrec models PATTERN` lists them."
         raise ValueError(f"unknown model {name!r}.{hint}")
