@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO   ?= demo
+DEMO   ?= runs/demo
 
 .PHONY: venv test demo bench constraints clean
 
@@ -21,17 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	$(PY) -m pytest -q
 
-# The demo end to end: a synthetic ImageNet-style dataset, verified and inspected.
+# The demo end to end: synthetic dataset (cached) -> train -> evaluate -> predict -> HTML report.
 demo: venv
-	$(VENV)/bin/imgrec synth $(DEMO)/data
-	$(VENV)/bin/imgrec verify $(DEMO)/data
-	$(VENV)/bin/imgrec inspect $(DEMO)/data --out $(DEMO)/inspect.png
+	$(VENV)/bin/imgrec demo --out $(DEMO)
 
 bench: venv
 	$(PY) benchmarks/synth_difficulty.py
+	$(PY) benchmarks/train_throughput.py --accuracy
 
 constraints: venv
-	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v "^imgrec"; } > constraints.new && mv constraints.new constraints.txt
+	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -e "^imgrec" -e "^ruff=="; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

@@ -13,6 +13,13 @@ __version__ = "0.1.0"
 
 _API = {
     "DataConfig": "imgrec.config",
+    "TrainConfig": "imgrec.config",
+    "train": "imgrec.engine.train",
+    "evaluate": "imgrec.engine.evaluate",
+    "classification_metrics": "imgrec.engine.evaluate",
+    "load": "imgrec.predict",
+    "Classifier": "imgrec.predict",
+    "Prediction": "imgrec.predict",
     "BadImageError": "imgrec.data.decode",
     "load_rgb": "imgrec.data.decode",
     "DatasetError": "imgrec.data.folder",

@@ -22,11 +22,11 @@ console = Console(soft_wrap=True)  # long paths stay on one line, greppable
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
+    if not hasattr(args, "handler"):
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        return int(args.handler(args) or 0)
     except (DatasetError, FileNotFoundError, IndexError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -42,15 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--val-per-class", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-side", type=int, default=96, help="smallest image side in pixels")
+    p.add_argument("--max-side", type=int, default=320, help="largest image side in pixels")
+    p.add_argument("--clutter", type=float, default=1.0, help="0-1: amount of background noise, stripes, blobs and lines")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.set_defaults(run=run_synth)
+    p.set_defaults(handler=run_synth)
 
     p = commands.add_parser("verify", help="decode every image below a folder and report the bad ones")
     p.add_argument("root")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--max-pixels", type=int, default=None, help="largest allowed width*height (default 89,478,485)")
-    p.set_defaults(run=run_verify)
+    p.set_defaults(handler=run_verify)
 
     p = commands.add_parser("inspect", help="show one sample after each transform step; write a grid of augmented samples")
     p.add_argument("root", help="a train/val dataset root or an ImageFolder root")
@@ -60,13 +63,122 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=16, help="augmented samples in the grid")
     p.add_argument("--out", default="inspect.png", help="where to write the grid PNG")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run_inspect)
+    p.set_defaults(handler=run_inspect)
 
     p = commands.add_parser("models", help="list timm architectures with parameter counts")
     p.add_argument("pattern", nargs="?", default="*", help="glob or substring, e.g. 'resnet*' or convnext")
     p.add_argument("--params", action=argparse.BooleanOptionalAction, default=None, help="count parameters (default: when 100 or fewer match)")
-    p.set_defaults(run=run_models)
+    p.set_defaults(handler=run_models)
+
+    p = commands.add_parser("train", help="train a classifier on DATA/train, validate on DATA/val; writes a model directory")
+    add_train_flags(p)
+    p.set_defaults(handler=run_train)
+
+    p = commands.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion matrix of a trained model")
+    p.add_argument("run", help="model directory (the --out of imgrec train)")
+    p.add_argument("--data", required=True, help="ImageFolder of labelled images (or a dataset root: its val/), or a flat folder with --labels")
+    p.add_argument("--labels", help="labels of a flat folder: CSV 'filename,class' or ILSVRC's ground-truth list (1-based ids, sorted files)")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--confusion", metavar="PNG", help="confusion matrix image (default RUN/confusion.png)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.set_defaults(handler=run_evaluate)
+
+    p = commands.add_parser("predict", help="top-k classes of images, folders or globs")
+    p.add_argument("run", help="model directory (the --out of imgrec train)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.set_defaults(handler=run_predict)
+
+    p = commands.add_parser("demo", help="synthetic dataset -> train -> evaluate -> predict -> HTML report, in a few minutes on a CPU")
+    p.add_argument("--out", default="runs/demo", help="run directory (the dataset is cached in OUT/data)")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo recipe's epochs")
+    p.set_defaults(handler=run_demo)
     return parser
+
+
+# Train flags that map one to one to TrainConfig fields (None = not given: the YAML or default wins).
+TRAIN_FIELDS = (
+    "data", "model", "out", "epochs", "batch_size", "accum_steps", "opt", "lr", "base_lr", "weight_decay", "momentum",
+    "warmup_epochs", "min_lr", "label_smoothing", "mixup", "cutmix", "clip_grad", "ema_decay", "pretrained",
+    "freeze_backbone", "drop_path", "precision", "channels_last", "compile", "device", "seed", "workers", "steps_per_epoch",
+    "tensorboard",
+)  # fmt: skip
+DATA_FIELDS = ("img_size", "crop_pct", "interpolation", "mean", "std", "scale", "ratio", "hflip", "auto_augment", "rotation", "random_erasing", "max_pixels")
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset root holding train/<class>/ and val/<class>/")
+    p.add_argument("--model", help="timm architecture, e.g. resnet50 (`imgrec models` lists them)")
+    p.add_argument("--out", help="run directory (default runs/train)")
+    p.add_argument("--config", help="YAML file of TrainConfig fields; flags given here win")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (other flags are ignored, except --epochs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per step (default 128)")
+    p.add_argument("--accum-steps", type=int, help="batches per optimizer step (gradient accumulation)")
+    p.add_argument("--opt", choices=["adamw", "sgd"], help="AdamW (default) or SGD with Nesterov momentum")
+    p.add_argument("--lr", type=float, help="learning rate (default: --base-lr x batch x accum / 256)")
+    p.add_argument("--base-lr", type=float, help="learning rate per 256 images (adamw 1e-3, sgd 0.1)")
+    p.add_argument("--weight-decay", type=float, help="adamw 0.05, sgd 1e-4; never on biases and norms")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
+    p.add_argument("--clip-grad", type=float, help="max gradient norm")
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay, e.g. 0.9998")
+    p.add_argument("--pretrained", metavar="FILE", help="local weights (.safetensors/.pth) to start from")
+    p.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None, help="train only the classifier")
+    p.add_argument("--drop-path", type=float)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where the hardware has it")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="loader processes (default: all cores)")
+    p.add_argument("--steps-per-epoch", type=int, help="cap optimizer steps per epoch")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
+    add_data_flags(p)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The TrainConfig of ``--config`` YAML (if any) with every flag given on the command line on top."""
+    import yaml
+
+    from imgrec.config import TrainConfig, from_dict
+
+    values: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config} must hold a mapping of TrainConfig fields, e.g. 'epochs: 10'")
+    values.update({name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None})
+    data_config = dict(values.get("data_config") or {})
+    data_config.update({name: getattr(args, name) for name in DATA_FIELDS if getattr(args, name) is not None})
+    values["data_config"] = data_config
+    return from_dict(TrainConfig, values, source=args.config or "flags")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from imgrec.engine.train import train
+
+    if args.resume:
+        overrides = {"epochs": args.epochs} if args.epochs is not None else {}
+        train(resume=args.resume, console=console, **overrides)
+        return 0
+    config = train_config_from_args(args)
+    if not config.data:
+        raise ValueError("--data is required: a folder holding train/<class>/ and val/<class>/ (or --config with data: ...)")
+    train(config, console=console)
+    return 0
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -100,7 +212,10 @@ def data_config_from_args(args: argparse.Namespace):
 def run_synth(args: argparse.Namespace) -> int:
     from imgrec.data.synth import SynthSpec, write_synth_dataset
 
-    spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
+    spec = SynthSpec(
+        classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed,
+        min_side=args.min_side, max_side=args.max_side, clutter=args.clutter,
+    )  # fmt: skip
     start = time.perf_counter()
     out = write_synth_dataset(args.out, spec, workers=args.workers)
     total = spec.classes * (spec.train_per_class + spec.val_per_class)
@@ -176,6 +291,81 @@ def run_models(args: argparse.Namespace) -> int:
     console.print(table)
     if len(infos) > 100 and args.params is None:
         console.print("parameter counts are left out when over 100 architectures match: narrow the pattern or pass --params")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from imgrec.engine.evaluate import evaluate
+
+    confusion = args.confusion or str(Path(args.run) / "confusion.png")
+    metrics = evaluate(
+        args.run, args.data, labels=args.labels, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        precision=args.precision, json_path=args.json_path, confusion_png=confusion,
+    )  # fmt: skip
+    print_metrics(metrics)
+    console.print(f"confusion matrix: {confusion}" + (f"; metrics: {args.json_path}" if args.json_path else ""), highlight=False)
+    return 0
+
+
+def print_metrics(metrics: dict) -> None:
+    per_class = Table(title="per class", title_justify="left")
+    for name in ("class", "images", "top-1 %"):
+        per_class.add_column(name, justify="left" if name == "class" else "right")
+    for row in metrics["per_class"]:
+        per_class.add_row(row["class"], str(row["n"]), "-" if row["top1"] is None else f"{row['top1']:.2f}")
+    console.print(per_class)
+    for skipped in metrics.get("skipped", []):
+        console.print(f"skipped {skipped['path']}: {skipped['reason']}", style="yellow", highlight=False)
+    console.print(
+        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+        f"{metrics['n']} images  {metrics['images_per_s']:.1f} images/s",
+        style="bold",
+        highlight=False,
+    )
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from imgrec.predict import load
+
+    classifier = load(args.run, device=args.device, precision=args.precision)
+    predictions = classifier.predict(args.paths, topk=args.topk, batch_size=args.batch_size)
+    if args.format == "json":
+        print(json.dumps([p.to_dict() for p in predictions], indent=2))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["source", "rank", "class", "prob", "error"])
+        for p in predictions:
+            if p.error is not None:
+                writer.writerow([p.source, "", "", "", p.error])
+            for rank, (label, prob) in enumerate(zip(p.labels, p.probs), start=1):
+                writer.writerow([p.source, rank, label, f"{prob:.6f}", ""])
+    else:
+        table = Table()
+        table.add_column("image", overflow="fold")
+        table.add_column("class")
+        table.add_column("prob", justify="right")
+        table.add_column(f"top-{args.topk}", overflow="fold")
+        for p in predictions:
+            if p.error is not None:
+                table.add_row(p.source, "[red]error[/red]", "", p.error)
+            else:
+                others = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.labels[1:], p.probs[1:]))
+                table.add_row(p.source, p.label, f"{p.prob:.3f}", others)
+        console.print(table)
+    failed = sum(p.error is not None for p in predictions)
+    if failed:
+        print(f"{failed} of {len(predictions)} input(s) could not be predicted", file=sys.stderr)
+    return 0 if failed < len(predictions) else 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from imgrec.demo import run_demo as demo
+
+    demo(args.out, epochs=args.epochs, console=console)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +51,65 @@ class DataConfig:
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
 
 
+@dataclass
+class TrainConfig:
+    """One training run: data, model, recipe and hardware. Saved resolved as ``RUN/config.yaml``.
+
+    ``None`` means "decide for me": ``lr`` from ``base_lr`` scaled linearly by the global batch
+    (``batch_size * accum_steps`` images per optimizer step, over 256), ``base_lr`` and
+    ``weight_decay`` from the optimizer's usual values, ``precision`` and ``channels_last`` from
+    the hardware, ``workers`` from the cores. ``data_config`` holds DataConfig fields; those not
+    given come from the model's pretrained config (size, crop_pct, interpolation, mean, std).
+    """
+
+    data: str = ""
+    model: str = "resnet50"
+    out: str = "runs/train"
+    epochs: int = 30
+    batch_size: int = 128
+    accum_steps: int = 1
+    opt: str = "adamw"  # adamw | sgd (Nesterov momentum)
+    lr: float | None = None
+    base_lr: float | None = None  # per 256 images: adamw 1e-3, sgd 0.1
+    weight_decay: float | None = None  # adamw 0.05, sgd 1e-4; never on norms and biases
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
+    clip_grad: float | None = None  # max global gradient norm
+    ema_decay: float | None = None  # e.g. 0.9998; None = no EMA
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    drop_path: float | None = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool | None = None
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    workers: int | None = None
+    steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke tests, benchmarks)
+    tensorboard: bool = True  # event files under RUN/tensorboard when tensorboard is installed
+    data_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choices = {"opt": ("adamw", "sgd"), "precision": ("auto", "fp32", "bf16", "fp16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        unknown = sorted(set(self.data_config) - known)
+        if unknown:
+            raise ValueError(f"unknown data_config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        self.data_config = dict(self.data_config)
+
+
 T = TypeVar("T")
 
 
@@ -58,8 +117,10 @@ def to_dict(config: Any) -> dict[str, Any]:
     """A plain dict (tuples as lists) that YAML and JSON can hold."""
 
     def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
+        if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
         return value
 
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
@@ -94,4 +155,4 @@ def apply_overrides(config: T, overrides: list[str]) -> T:
     return from_dict(type(config), merged, source="overrides")
 
 
-__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "apply_overrides", "from_dict", "load_yaml", "save_yaml", "to_dict"]
+__all__ = ["DataConfig", "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "apply_overrides", "from_dict", "load_yaml", "save_yaml", "to_dict"]

@@ -122,6 +122,15 @@ class SkipLog:
     def __len__(self) -> int:
         return len(self.entries())
 
+    def compact(self) -> None:
+        """Rewrite the file with one line per bad file; only while no worker is writing to it."""
+        entries = self.entries()
+        if entries:
+            text = "".join(json.dumps({"path": path, "reason": reason}) + "\n" for path, reason in entries.items())
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.path)
+
 
 class ImageFolderDataset:
     """A map-style dataset of (image, class index) over ``ROOT/<class>/**/image``.

@@ -38,6 +38,7 @@ class SynthSpec:
     seed: int = 0
     min_side: int = 96
     max_side: int = 320
+    clutter: float = 1.0  # scales background noise, stripes, blobs and occluding lines; 0 = a plain colour field
 
     def __post_init__(self) -> None:
         if not 2 <= self.classes <= len(SHAPES):
@@ -46,6 +47,8 @@ class SynthSpec:
             raise ValueError("train_per_class and val_per_class must be at least 1")
         if not 16 <= self.min_side <= self.max_side:
             raise ValueError(f"need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if not 0 <= self.clutter <= 1:
+            raise ValueError(f"clutter must be between 0 and 1, got {self.clutter}")
 
 
 def write_synth_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), workers: int | None = None) -> Path:
@@ -72,19 +75,23 @@ def write_synth_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), w
 def _write_one(job: tuple[SynthSpec, int, int, int, str]) -> None:
     spec, split_id, class_id, index, path = job
     rng = np.random.default_rng([spec.seed, split_id, class_id, index])
-    render_sample(rng, SHAPES[class_id], spec.min_side, spec.max_side).save(path, "JPEG", quality=JPEG_QUALITY)
+    render_sample(rng, SHAPES[class_id], spec.min_side, spec.max_side, spec.clutter).save(path, "JPEG", quality=JPEG_QUALITY)
 
 
-def render_sample(rng: np.random.Generator, shape: str, min_side: int = 96, max_side: int = 320) -> Image.Image:
-    """One RGB image of ``shape`` on a cluttered background, all randomness drawn from ``rng``."""
+def render_sample(rng: np.random.Generator, shape: str, min_side: int = 96, max_side: int = 320, clutter: float = 1.0) -> Image.Image:
+    """One RGB image of ``shape`` on a cluttered background, all randomness drawn from ``rng``.
+
+    ``clutter`` (0 to 1) scales the distractors: noise and stripe amplitude, and the number of
+    blobs and lines. At 1 the image is the same, byte for byte, as before the knob existed.
+    """
     width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
     if max(width, height) > 2.5 * min(width, height):  # keep aspect ratios photo-like
         height = int(np.clip(height, width / 2.5, width * 2.5))
-    canvas = _background(rng, width, height)
+    canvas = _background(rng, width, height, clutter)
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(round(int(rng.integers(2, 5)) * clutter)):
         _draw_blob(rng, draw, width, height)
-    _draw_lines(rng, draw, width, height, count=int(rng.integers(3, 9)))
+    _draw_lines(rng, draw, width, height, count=round(int(rng.integers(3, 9)) * clutter))
 
     short = min(width, height)
     radius = short * rng.uniform(0.2, 0.4)
@@ -98,21 +105,21 @@ def render_sample(rng: np.random.Generator, shape: str, min_side: int = 96, max_
         outline = Image.fromarray(np.subtract(np.asarray(edge), np.asarray(mask)).astype(np.uint8))
         canvas.paste(tuple(int(c) for c in rng.integers(0, 256, 3)), mask=outline)
 
-    _draw_lines(rng, ImageDraw.Draw(canvas), width, height, count=int(rng.integers(1, 4)))  # occluders
+    _draw_lines(rng, ImageDraw.Draw(canvas), width, height, count=round(int(rng.integers(1, 4)) * clutter))  # occluders
     if rng.random() < 0.3:
         canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     return canvas
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+def _background(rng: np.random.Generator, width: int, height: int, clutter: float = 1.0) -> Image.Image:
     coarse = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
     field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
-    noise = rng.normal(0, rng.uniform(4, 20), size=(height, width, 1)).astype(np.float32)
+    noise = rng.normal(0, rng.uniform(4, 20) * clutter, size=(height, width, 1)).astype(np.float32)
     if rng.random() < 0.5:  # stripes at a random angle and period
         angle, period = rng.uniform(0, math.pi), rng.uniform(6, 30)
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
         phase = (xx * math.cos(angle) + yy * math.sin(angle)) * (2 * math.pi / period)
-        noise = noise + (rng.uniform(10, 35) * np.sin(phase))[..., None]
+        noise = noise + (rng.uniform(10, 35) * clutter * np.sin(phase))[..., None]
     return Image.fromarray(np.clip(field + noise, 0, 255).astype(np.uint8))
 
 

@@ -1,0 +1,1 @@
+"""The supervised engine: the training loop, evaluation, optimisers and schedules, EMA, precision."""

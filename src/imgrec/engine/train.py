@@ -1,0 +1,378 @@
+"""The supervised training loop: ``train(config)`` from a folder of images to a model directory.
+
+Read it top to bottom: ``train`` builds the run (data, model, optimiser, schedule, EMA) once,
+then each epoch calls ``train_one_epoch`` and ``validate``, appends a line to metrics.jsonl,
+saves the model directory when val top-1 improves and writes ``last.pt`` atomically.
+
+Exact resume: every epoch starts by re-seeding the loader's generator (which fixes the shuffle
+order and the workers' augmentation seeds, as workers are not persistent) and the main
+process's RNGs from (seed, epoch). So epoch ``e`` draws the same randomness whether the run went
+straight through or was resumed from the checkpoint of epoch ``e - 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from imgrec.checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from imgrec.config import TrainConfig, from_dict, save_yaml, to_dict
+from imgrec.data.folder import SkipLog, load_splits, write_class_index
+from imgrec.data.loader import create_loader
+from imgrec.data.transforms import BatchNormalize, EvalTransform, TrainTransform, resolve_data_config
+from imgrec.engine.evaluate import classification_metrics, collect_logits
+from imgrec.engine.hardware import DTYPES, autocast, resolve_device, resolve_precision
+from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
+from imgrec.models.factory import create_model
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+
+
+def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, console: Console | None = None, **overrides: Any) -> Path:
+    """Train a classifier; returns the run directory (``config.out``).
+
+    ``train(data="DATA", model="resnet18", out="runs/r18", epochs=10)`` or ``train(TrainConfig(...))``;
+    ``train(resume="runs/r18")`` continues a run from its ``last.pt``.
+    """
+    console = console or Console(soft_wrap=True)
+    checkpoint = None
+    if resume is not None:
+        checkpoint = load_checkpoint(Path(resume) / CHECKPOINT_NAME)
+        config = from_dict(TrainConfig, {**checkpoint["config"], **overrides, "out": str(resume)}, source=f"{resume}/{CHECKPOINT_NAME}")
+    elif config is None:
+        config = TrainConfig(**overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    if not config.data:
+        raise ValueError("no training data: pass data=DATA (a folder holding train/<class>/ and val/<class>/)")
+    if checkpoint is None and any((Path(config.out) / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME)):
+        raise ValueError(f"{config.out} already holds a training run: continue it with --resume {config.out}, or pick another --out")
+    run = Run(config, console)
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    return run.fit()
+
+
+class Run:
+    """The state of one training run; built once, then ``fit`` loops over the epochs."""
+
+    def __init__(self, config: TrainConfig, console: Console):
+        self.console = console
+        self.out = prepare_output_dir(config.out)
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        channels_last = config.channels_last if config.channels_last is not None else True
+
+        self.skip_log = SkipLog(self.out / "skipped.jsonl")
+        dataset_options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
+        self.splits = load_splits(config.data, skip_log=self.skip_log, **dataset_options)
+        self.classes = self.splits.classes
+        write_class_index(self.out / "classes.json", self.classes)
+
+        model_kwargs = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
+        self.model = create_model(config.model, num_classes=len(self.classes), pretrained=config.pretrained, **model_kwargs)
+        # Size, crop_pct, interpolation, mean and std come from the architecture unless given.
+        self.data_config = dc = resolve_data_config(self.model, **config.data_config)
+        self.splits.train.transform = TrainTransform.from_config(dc)
+        self.splits.val.transform = EvalTransform.from_config(dc)
+        if config.freeze_backbone:
+            freeze_backbone(self.model)
+        self.model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+
+        if config.mixup or config.cutmix:
+            if config.batch_size % 2:
+                raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {config.batch_size}")
+        self.train_loader = create_loader(
+            self.splits.train, batch_size=config.batch_size, train=True, num_workers=config.workers, seed=config.seed, persistent_workers=False
+        )
+        self.val_loader = create_loader(self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers)
+        if len(self.train_loader) < config.accum_steps:
+            raise ValueError(
+                f"{len(self.splits.train)} training images make {len(self.train_loader)} batch(es) of {config.batch_size}, "
+                f"fewer than accum_steps={config.accum_steps}: lower --batch-size or --accum-steps"
+            )
+        self.steps_per_epoch = len(self.train_loader) // config.accum_steps
+        if config.steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, config.steps_per_epoch)
+
+        global_batch = config.batch_size * config.accum_steps
+        self.lr = lr = config.lr if config.lr is not None else scaled_lr(config.opt, global_batch, config.base_lr)
+        self.optimizer = create_optimizer(self.model, config.opt, lr, config.weight_decay, config.momentum)
+        total = config.epochs * self.steps_per_epoch
+        self.scheduler = cosine_schedule(self.optimizer, total, round(config.warmup_epochs * self.steps_per_epoch), config.min_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.ema = None
+        if config.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
+        self.train_normalize = BatchNormalize.from_config(dc, train=True, channels_last=channels_last).to(self.device)
+        self.eval_normalize = BatchNormalize.from_config(dc, channels_last=channels_last).to(self.device)
+        self.mixup = None
+        if config.mixup or config.cutmix:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(
+                mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing, num_classes=len(self.classes)
+            )
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.config = dataclasses.replace(config, data_config=to_dict(self.data_config))
+        self.epoch = 0  # epochs completed
+        self.best = {"top1": -1.0}
+        self.writer = open_tensorboard(self.out) if config.tensorboard else None
+        save_yaml(self.config, self.out / CONFIG_NAME)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None and checkpoint.get("ema") is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+        if checkpoint["classes"] != self.classes:
+            raise ValueError(f"the classes in {self.config.data} differ from the checkpoint's: resume with the same dataset")
+        # The schedule of this run (its epochs may have been raised) applies from the first resumed step.
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.epoch = checkpoint["epoch"]
+        self.best = checkpoint["best"]
+        set_rng_state(checkpoint["rng"])
+        # Rows logged after this checkpoint (a crash while it was being replaced) are redone.
+        metrics = self.out / METRICS_NAME
+        if metrics.exists():
+            rows = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kept = "".join(line + "\n" for line in rows if json.loads(line)["epoch"] <= self.epoch)
+            atomic_write(metrics, lambda f: f.write(kept.encode("utf-8")))
+        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}", highlight=False)
+
+    def fit(self) -> Path:
+        config = self.config
+        self.console.print(
+            f"training {config.model} on {len(self.splits.train)} images ({len(self.classes)} classes), "
+            f"validating on {len(self.splits.val)}; {self.device.type}, {self.precision}, "
+            f"batch {config.batch_size}x{config.accum_steps}, peak lr {self.lr:.3g}, {config.epochs} epochs",
+            highlight=False,
+        )
+        while self.epoch < config.epochs:
+            epoch = self.epoch + 1
+            seed_everything(config.seed * 100_003 + epoch)
+            self.train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
+            started = time.perf_counter()
+            stats = train_one_epoch(self, epoch)
+            metrics = self.validate()
+            row = {
+                "epoch": epoch,
+                "train_loss": stats["loss"],
+                "val_loss": metrics["loss"],
+                "val_top1": metrics["top1"],
+                "val_top5": metrics["top5"],
+                "lr": stats["lr"],
+                "seconds": round(time.perf_counter() - started, 3),
+                "images_per_s": round(stats["images_per_s"], 2),
+            }
+            candidates = [("model", metrics["top1"], metrics["top5"])]
+            if self.ema is not None:
+                ema_metrics = self.validate(self.ema.module)
+                row["ema_top1"] = ema_metrics["top1"]
+                candidates.append(("ema", ema_metrics["top1"], ema_metrics["top5"]))
+            self.epoch = epoch
+            self.log(row)
+            source, top1, top5 = max(candidates, key=lambda c: c[1])
+            if top1 > self.best["top1"]:
+                self.best = {"top1": top1, "top5": top5, "epoch": epoch, "weights": source}
+                self.save_model_dir()
+            self.save_checkpoint()
+            self.skip_log.compact()  # workers are gone between epochs: one line per bad file
+        if self.writer is not None:
+            self.writer.close()
+        bad = len(self.skip_log)
+        if bad:
+            self.console.print(f"{bad} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
+        self.console.print(
+            f"best val top-1 {self.best['top1']:.2f}% (epoch {self.best.get('epoch')}); model directory: {self.out}", highlight=False
+        )
+        return self.out
+
+    def validate(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        model = model if model is not None else self.forward
+        logits, labels = collect_logits(model, self.val_loader, device=self.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[self.precision])
+        return classification_metrics(logits, labels, self.classes)
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.out / METRICS_NAME, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+        ema = f", EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else ""
+        self.console.print(
+            f"epoch {row['epoch']}/{self.config.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+            f"top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%{ema}, {row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s",
+            highlight=False,
+        )
+
+    def save_model_dir(self) -> None:
+        weights = self.ema.module if self.best["weights"] == "ema" else self.model
+        dc = self.data_config
+        info = {
+            "architecture": self.config.model,
+            "num_classes": len(self.classes),
+            "classes": self.classes,
+            "input_size": [3, dc.img_size, dc.img_size],
+            "img_size": dc.img_size,
+            "crop_pct": dc.crop_pct,
+            "interpolation": dc.interpolation,
+            "mean": list(dc.mean),
+            "std": list(dc.std),
+            "top1": self.best["top1"],
+            "top5": self.best["top5"],
+            "epoch": self.best["epoch"],
+            "weights": self.best["weights"],
+        }
+        save_model_dir(self.out, weights.state_dict(), info)
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch,
+            "best": self.best,
+            "rng": rng_state(),
+            "config": to_dict(self.config),
+            "classes": self.classes,
+        }
+        save_checkpoint(self.out / CHECKPOINT_NAME, state)
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass of ``run.steps_per_epoch`` optimizer steps; returns mean loss, last lr and images/s."""
+    config, model, device = run.config, run.model, run.device
+    model.train()
+    if config.freeze_backbone:
+        model.eval()  # frozen batch-norm statistics too: a true linear probe
+        model.get_classifier().train()
+    batches = run.steps_per_epoch * config.accum_steps
+    loss_sum = torch.zeros((), device=device)
+    images = 0
+    started = time.perf_counter()
+    with epoch_progress(run.console, f"epoch {epoch}/{config.epochs}", run.steps_per_epoch) as (progress, task):
+        loader = iter(run.train_loader)
+        for index in range(batches):
+            inputs, targets = next(loader)
+            inputs = run.train_normalize(inputs.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            if run.mixup is not None:
+                inputs, targets = run.mixup(inputs, targets)
+            with autocast(device, run.precision):
+                logits = run.forward(inputs)
+            loss = soft_cross_entropy(logits.float(), targets) if run.mixup is not None else run.criterion(logits.float(), targets)
+            run.scaler.scale(loss / config.accum_steps).backward()
+            loss_sum += loss.detach()
+            images += inputs.shape[0]
+            if (index + 1) % config.accum_steps:
+                continue
+            if config.clip_grad is not None:
+                run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+            step = (index + 1) // config.accum_steps
+            if run.ema is not None:
+                run.ema.update(model, step=(epoch - 1) * run.steps_per_epoch + step)
+            if step % 10 == 0 or step == run.steps_per_epoch:  # reading the loss waits for the device
+                rate = images / (time.perf_counter() - started)
+                lr = run.optimizer.param_groups[0]["lr"]
+                progress.update(task, completed=step, loss=f"{loss_sum.item() / (index + 1):.4f}", lr=f"{lr:.3g}", rate=f"{rate:.0f}")
+        del loader
+    seconds = time.perf_counter() - started
+    loss = loss_sum.item() / batches
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the training loss became {loss} in epoch {epoch}: lower the learning rate or use --precision fp32")
+    return {"loss": loss, "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (mixup/cutmix blends with label smoothing folded in)."""
+    return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def epoch_progress(console: Console, description: str, total: int):
+    """A per-epoch bar with loss, lr, images/s and ETA; returns a context yielding (progress, task)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[rate]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+            yield progress, progress.add_task(description, total=total, loss="-", lr="-", rate="-")
+
+    return bar()
+
+
+def freeze_backbone(model: torch.nn.Module) -> None:
+    """Only the classifier trains (a linear probe): every other parameter stops requiring grad."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    if not head:
+        raise ValueError(f"{type(model).__name__} has no classifier parameters to train with --freeze-backbone")
+    for param in model.parameters():
+        param.requires_grad_(id(param) in head)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` and prove it writable now, not after the first epoch."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"imgrec" * 1024)
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write to the output folder {out}: {exc.strerror or exc}. Pick another --out or fix its permissions.") from None
+    return out
+
+
+def open_tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: pip install tensorboard
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+__all__ = ["Run", "freeze_backbone", "prepare_output_dir", "soft_cross_entropy", "train", "train_one_epoch"]

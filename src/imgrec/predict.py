@@ -1,0 +1,168 @@
+"""``imgrec.load(RUN)`` and ``Classifier.predict``: class names and probabilities for any images.
+
+The model directory gives everything: architecture and weights, class names, and the eval
+preprocessing (size, crop_pct, interpolation, mean, std), so a prediction sees exactly what
+validation saw. Inputs may be paths, folders, globs, PIL images or uint8 tensors; a file that
+cannot be read becomes an error row naming it, and the rest are still predicted.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+from imgrec.checkpoint import load_model_dir
+from imgrec.config import DataConfig
+from imgrec.data.decode import BadImageError, load_rgb, to_rgb
+from imgrec.data.folder import iter_image_files
+from imgrec.data.transforms import BatchNormalize, EvalTransform
+from imgrec.engine.hardware import autocast, resolve_device, resolve_precision
+
+GLOB_CHARS = "*?["
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one input, best first; ``error`` is set (and the lists empty) if it failed."""
+
+    source: str
+    labels: list[str] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.labels[0] if self.labels else None
+
+    @property
+    def prob(self) -> float | None:
+        return self.probs[0] if self.probs else None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"source": self.source, "error": self.error}
+        return {"source": self.source, "top": [{"class": c, "index": i, "prob": p} for c, i, p in zip(self.labels, self.indices, self.probs)]}
+
+
+class Classifier:
+    """A trained model with its classes and preprocessing, ready to predict."""
+
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], *, device: str = "auto", precision: str = "auto"):
+        self.info = info
+        self.classes: list[str] = list(info["classes"])
+        self.data_config = DataConfig(
+            img_size=info["img_size"], crop_pct=info["crop_pct"], interpolation=info["interpolation"], mean=info["mean"], std=info["std"]
+        )
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.normalize = BatchNormalize.from_config(self.data_config, channels_last=True).to(self.device)
+        self.transform = EvalTransform.from_config(self.data_config)
+
+    def __repr__(self) -> str:
+        return f"Classifier({self.info['architecture']}, {len(self.classes)} classes, {self.device}, {self.precision})"
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 logits on the CPU for a uint8 batch [B, 3, H, W] already at the model's input size."""
+        with autocast(self.device, self.precision):
+            out = self.model(self.normalize(images.to(self.device, non_blocking=True)))
+        return out.float().cpu()
+
+    def predict(self, inputs: Any, topk: int = 5, batch_size: int = 32) -> list[Prediction]:
+        """Top-``topk`` classes and probabilities for each input, in input order.
+
+        ``inputs``: one or a list of paths (files, folders, globs), PIL images or uint8 tensors
+        ([3, H, W] or [B, 3, H, W], any size: they get the eval resize and crop).
+        """
+        items = list(expand_inputs(inputs))
+        k = max(1, min(topk, len(self.classes)))
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            prepared = [self._prepare(source, item) for source, item in chunk]
+            good = [(i, t) for i, t in enumerate(prepared) if isinstance(t, torch.Tensor)]
+            rows = [p if isinstance(p, Prediction) else Prediction(source) for (source, _), p in zip(chunk, prepared)]
+            if good:
+                probs = torch.softmax(self.logits(torch.stack([t for _, t in good])), dim=1)
+                values, indices = probs.topk(k, dim=1)
+                for (i, _), vals, idx in zip(good, values.tolist(), indices.tolist()):
+                    rows[i].labels, rows[i].probs, rows[i].indices = [self.classes[j] for j in idx], vals, idx
+            results.extend(rows)
+        return results
+
+    def _prepare(self, source: str, item: Any) -> torch.Tensor | Prediction:
+        try:
+            if isinstance(item, Prediction):
+                return item
+            if isinstance(item, (str, os.PathLike)):
+                image = load_rgb(item)
+            elif isinstance(item, Image.Image):  # the same conversions as a file gets (alpha, 16-bit, EXIF)
+                image = to_rgb(ImageOps.exif_transpose(item))
+            elif isinstance(item, torch.Tensor):
+                from torchvision.transforms.v2.functional import to_pil_image
+
+                if item.dtype != torch.uint8 or item.ndim != 3 or item.shape[0] not in (1, 3):
+                    raise ValueError(f"expected a uint8 tensor [3, H, W], got {item.dtype} {list(item.shape)}")
+                image = to_pil_image(item).convert("RGB")
+            else:
+                raise TypeError(f"cannot predict a {type(item).__name__}: pass paths, PIL images or uint8 tensors")
+            return self.transform(image)
+        except BadImageError as exc:
+            return Prediction(source, error=exc.reason)
+        except (ValueError, TypeError) as exc:
+            return Prediction(source, error=str(exc))
+
+
+def expand_inputs(inputs: Any) -> Iterator[tuple[str, Any]]:
+    """(source name, item) pairs: folders and globs expand to their image files, sorted."""
+    if isinstance(inputs, (str, os.PathLike, Image.Image)) or (isinstance(inputs, torch.Tensor) and inputs.ndim == 3):
+        inputs = [inputs]
+    counter = 0
+    for item in inputs if isinstance(inputs, Iterable) else [inputs]:
+        if isinstance(item, torch.Tensor) and item.ndim == 4:
+            for image in item:
+                yield f"<tensor {counter}>", image
+                counter += 1
+        elif isinstance(item, (str, os.PathLike)):
+            yield from expand_path(str(item))
+        else:
+            name = f"<{'image' if isinstance(item, Image.Image) else type(item).__name__.lower()} {counter}>"
+            counter += 1
+            yield name, item
+
+
+def expand_path(text: str) -> Iterator[tuple[str, Any]]:
+    path = Path(text)
+    if path.is_dir():
+        files = iter_image_files(path)
+        if not files:
+            yield text, Prediction(text, error="folder holds no image files")
+        yield from ((str(f), f) for f in files)
+    elif path.exists():
+        yield text, path
+    elif any(c in text for c in GLOB_CHARS):
+        matches = sorted(glob.glob(text, recursive=True))
+        files = [m for m in matches if Path(m).is_file()]
+        if not files:
+            yield text, Prediction(text, error="pattern matches no files")
+        yield from ((m, Path(m)) for m in files)
+    else:
+        yield text, Prediction(text, error="no such file or folder")
+
+
+def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto") -> Classifier:
+    """The classifier in a model directory (``imgrec train --out RUN``); reads only safetensors and JSON."""
+    model, info = load_model_dir(run)
+    return Classifier(model, info, device=device, precision=precision)
+
+
+__all__ = ["Classifier", "Prediction", "expand_inputs", "load"]

@@ -1,0 +1,313 @@
+"""A training run as one self-contained HTML file: charts, metrics, confusion matrix, example predictions.
+
+The report is meant to be mailed, attached to an issue or opened on a laptop with no network, so
+everything lives in the one file: charts and thumbnails are embedded as base64 data URIs, the CSS
+is inline and there is no JavaScript. Charts are drawn on a bare ``matplotlib.figure.Figure`` with
+the Agg canvas, never through pyplot, so building a report touches no global state, needs no
+display and is safe inside a training process or a test run. Every string that comes from the
+user (title, class names, file names, summary facts) is escaped, since class names are folder
+names and may hold any character.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from imgrec.data.decode import BadImageError, load_rgb
+
+THUMBNAIL_PX = 160  # longest side of an embedded prediction thumbnail
+COUNTS_IN_CELLS_MAX = 30  # above this many classes the numbers in confusion cells become unreadable
+TICK_LABELS_MAX = 60  # above this many classes the class names on the confusion axes overlap
+LABEL_CHARS = 24  # class names longer than this are shortened on chart axes (tables show them in full)
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       padding: 0 1em; color: #1d1d1f; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: .6em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .7em; text-align: left; }
+th { background: #f4f4f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.headline td { font-size: 1.3em; font-weight: 600; }
+.charts img, .confusion img { max-width: 100%; height: auto; }
+.bar { width: 160px; } .bar span { display: block; height: .8em; background: #4a78c2; }
+.note { color: #666; font-style: italic; }
+.grid { display: flex; flex-wrap: wrap; gap: 10px; }
+.pred { width: 172px; border: 3px solid #bbb; border-radius: 6px; padding: 4px; font-size: 12px; overflow-wrap: anywhere; }
+.pred img { display: block; margin: 0 auto 4px; max-width: 160px; max-height: 160px; }
+.pred.correct { border-color: #2e9d48; background: #eef9f0; }
+.pred.wrong { border-color: #d23c3c; background: #fdeeee; }
+.missing { height: 120px; display: flex; align-items: center; justify-content: center; text-align: center;
+           background: #eee; color: #555; margin-bottom: 4px; }
+"""
+
+
+def write_report(
+    out: str | os.PathLike,
+    *,
+    title: str,
+    history: list[dict],
+    metrics: dict,
+    predictions: list[dict],
+    summary: dict[str, str] | None = None,
+) -> Path:
+    """Write the HTML report of one run to ``out`` and return its path.
+
+    ``history`` holds the rows of ``RUN/metrics.jsonl`` (may be empty), ``metrics`` the dict of
+    ``imgrec.engine.evaluate.classification_metrics`` and ``predictions`` the examples to show
+    (``image``, ``true``, ``pred``, ``prob``). Every prediction given is embedded, so the caller
+    chooses how many: a sample, or the most confident mistakes. An image that cannot be read gets
+    a placeholder naming the file, because a report should not fail over one moved file.
+    """
+    sections = [
+        f"<h1>{_esc(title)}</h1>",
+        _key_value_table(summary) if summary else "",
+        "<h2>Evaluation</h2>",
+        _headline_table(metrics),
+        "<h2>Training</h2>",
+        _training_section(history),
+        "<h2>Per-class accuracy</h2>",
+        _per_class_table(metrics.get("per_class") or []),
+        "<h2>Confusion matrix</h2>",
+        _confusion_section(metrics.get("confusion") or [], [str(row.get("class", "")) for row in metrics.get("per_class") or []]),
+        "<h2>Predictions</h2>",
+        _predictions_grid(predictions),
+    ]
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(part for part in sections if part)
+        + "\n</body>\n</html>\n"
+    )
+    return _write_text(Path(out), page)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write through a temporary file and a rename, so a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None for missing, non-numeric or NaN values (shown as a dash)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    number = _number(value)
+    return "—" if number is None else f"{number:{spec}}{suffix}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], css_class: str = "", numeric: Iterable[int] = ()) -> str:
+    """An HTML table from cells that are already escaped HTML; the ``numeric`` columns align right."""
+    right = set(numeric)
+    head = f"<tr>{''.join(f'<th>{cell}</th>' for cell in header)}</tr>\n" if header else ""
+    body = []
+    for row in rows:
+        cells = "".join(f'<td class="num">{cell}</td>' if i in right else f"<td>{cell}</td>" for i, cell in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    attribute = f' class="{css_class}"' if css_class else ""
+    return f"<table{attribute}>\n{head}" + "\n".join(body) + "\n</table>"
+
+
+def _key_value_table(facts: dict[str, str]) -> str:
+    return _table([], ([f"<b>{_esc(key)}</b>", _esc(value)] for key, value in facts.items()), "summary")
+
+
+def _headline_table(metrics: dict) -> str:
+    header = ["top-1", "top-5", "loss", "images"]
+    row = [
+        _fmt(metrics.get("top1"), ".2f", " %"),
+        _fmt(metrics.get("top5"), ".2f", " %"),
+        _fmt(metrics.get("loss"), ".4f"),
+        _fmt(metrics.get("n"), ",.0f"),
+    ]
+    if _number(metrics.get("images_per_s")) is not None:
+        header.append("images/s")
+        row.append(_fmt(metrics["images_per_s"], ",.0f"))
+    return _table(header, [row], "headline", numeric=range(len(header)))
+
+
+def _per_class_table(per_class: list[dict]) -> str:
+    if not per_class:
+        return '<p class="note">no per-class results</p>'
+    rows = []
+    for entry in per_class:
+        top1 = _number(entry.get("top1"))
+        width = 0.0 if top1 is None else min(max(top1, 0.0), 100.0)
+        bar = f'<div class="bar"><span style="width:{width:.1f}%"></span></div>'
+        rows.append([_esc(entry.get("class", "")), _fmt(entry.get("n"), ",.0f"), _fmt(top1, ".2f", " %"), bar])
+    return _table(["class", "images", "top-1", ""], rows, "per-class", numeric=(1, 2))
+
+
+# --- charts -------------------------------------------------------------------------------------
+
+
+def _png_data_uri(figure: Figure, dpi: int = 100) -> str:
+    """Render ``figure`` with the Agg canvas (no pyplot, no display) and return it as a PNG data URI."""
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{_esc(alt)}">'
+
+
+def _column(history: list[dict], key: str) -> list[float]:
+    """One metric over the epochs, NaN where a row lacks it (matplotlib leaves a gap there)."""
+    values = []
+    for row in history:
+        number = _number(row.get(key))
+        values.append(math.nan if number is None else number)
+    return values
+
+
+def _line_chart(history: list[dict], series: list[tuple[str, str]], title: str, ylabel: str, percent: bool) -> str:
+    epochs = [int(row.get("epoch", i + 1)) for i, row in enumerate(history)]
+    figure = Figure(figsize=(6.0, 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    for key, label in series:
+        values = _column(history, key)
+        if not all(math.isnan(v) for v in values):
+            # Markers make a one-epoch run visible; they are dropped when the points would crowd.
+            axes.plot(epochs, values, label=label, marker="o" if len(epochs) <= 40 else None, markersize=3)
+    axes.set_title(title)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    if percent:
+        axes.set_ylim(0, 100)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend()
+    return _png_data_uri(figure)
+
+
+def _training_section(history: list[dict]) -> str:
+    if not history:
+        return '<p class="note">no epochs recorded</p>'
+    accuracy = [("val_top1", "val top-1"), ("val_top5", "val top-5")]
+    has_ema = any(_number(row.get("ema_top1")) is not None for row in history)
+    if has_ema:
+        accuracy.append(("ema_top1", "EMA top-1"))
+    loss_uri = _line_chart(history, [("train_loss", "train"), ("val_loss", "val")], "Loss", "loss", percent=False)
+    accuracy_uri = _line_chart(history, accuracy, "Validation accuracy", "accuracy (%)", percent=True)
+    charts = f'<div class="charts">{_img(loss_uri, "loss curves")}\n{_img(accuracy_uri, "accuracy curves")}</div>'
+
+    columns = [("epoch", "epoch", ".0f"), ("train_loss", "train loss", ".4f"), ("val_loss", "val loss", ".4f")]
+    columns += [("val_top1", "val top-1 %", ".2f"), ("val_top5", "val top-5 %", ".2f")]
+    columns += [("ema_top1", "EMA top-1 %", ".2f")] if has_ema else []
+    columns += [("lr", "lr", ".3g"), ("seconds", "seconds", ".1f"), ("images_per_s", "images/s", ",.0f")]
+    rows = [[_fmt(row.get(key), spec) for key, _, spec in columns] for row in history]
+    table = _table([label for _, label, _ in columns], rows, "epochs", numeric=range(len(columns)))
+    return f"{charts}\n<details><summary>all {len(history)} epochs</summary>\n{table}\n</details>"
+
+
+def _short(name: str) -> str:
+    """Shorten from the middle: class names often share a prefix (or a suffix) and differ at the other end."""
+    if len(name) <= LABEL_CHARS:
+        return name
+    head = (LABEL_CHARS - 1) // 2
+    return name[:head] + "…" + name[-(LABEL_CHARS - 1 - head) :]
+
+
+def _confusion_section(confusion: list[list[int]], class_names: list[str]) -> str:
+    counts = np.asarray(confusion, dtype=np.int64)
+    if counts.ndim != 2 or counts.size == 0 or counts.shape[0] != counts.shape[1]:
+        return '<p class="note">no confusion matrix</p>'
+    k = counts.shape[0]
+    if len(class_names) != k:  # metrics without per-class names still get a readable matrix
+        class_names = [str(i) for i in range(k)]
+    # Colour by the share of each true class, so a rare class's mistakes show as clearly as a common one's.
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+
+    side = min(max(2.5 + 0.32 * k, 4.5), 14.0)
+    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class")
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if k <= TICK_LABELS_MAX:
+        labels = [_short(name) for name in class_names]
+        fontsize = 9 if k <= 20 else 7
+        axes.set_xticks(range(k), labels, rotation=90, fontsize=fontsize)
+        axes.set_yticks(range(k), labels, fontsize=fontsize)
+    else:
+        axes.set_title(f"{k} classes (names omitted; see the per-class table)", fontsize=9)
+    if k <= COUNTS_IN_CELLS_MAX:
+        fontsize = 9 if k <= 12 else 6
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    colour = "white" if shares[i, j] > 0.5 else "black"
+                    axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fontsize, color=colour)
+    return f'<div class="confusion">{_img(_png_data_uri(figure), "confusion matrix")}</div>'
+
+
+# --- predictions --------------------------------------------------------------------------------
+
+
+def _thumbnail_data_uri(path: str | os.PathLike) -> str:
+    """The image at ``path`` shrunk to at most THUMBNAIL_PX a side, as a JPEG data URI; raises BadImageError."""
+    image = load_rgb(path)
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _prediction_cell(item: dict) -> str:
+    path = item.get("image", "")
+    true, pred = item.get("true"), item.get("pred", "")
+    verdict = "unlabelled" if true is None else ("correct" if str(true) == str(pred) else "wrong")
+    try:
+        picture = _img(_thumbnail_data_uri(path), f"{pred} ({Path(path).name})")
+    except BadImageError as exc:
+        picture = f'<div class="missing">cannot open {_esc(Path(path).name)}<br>{_esc(exc.reason)}</div>'
+    truth = "—" if true is None else _esc(true)
+    return (
+        f'<div class="pred {verdict}" title="{_esc(path)}">{picture}'
+        f"<div><b>{_esc(pred)}</b> {_fmt(item.get('prob'), '.1%')}</div>"
+        f"<div>true: {truth}</div></div>"
+    )
+
+
+def _predictions_grid(predictions: list[dict]) -> str:
+    if not predictions:
+        return '<p class="note">no predictions</p>'
+    return '<div class="grid">\n' + "\n".join(_prediction_cell(item) for item in predictions) + "\n</div>"
