@@ -13,13 +13,14 @@ epoch of ``--steps`` steps; the pair is repeated ``--runs`` times, interleaved, 
 shows medians and the ratio. ``--accuracy`` also trains the demo recipe in fp32 and with the
 defaults, to show the speed does not cost accuracy.
 
-    python benchmarks/train_throughput.py [--runs 3] [--steps 20] [--accuracy]
+    python benchmarks/train_throughput.py [--runs 3] [--steps N] [--accuracy]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import tempfile
 import time
@@ -35,7 +36,7 @@ from imgrec.config import TrainConfig
 from imgrec.data.synth import SynthSpec, write_synth_dataset
 from imgrec.engine.train import Run, train_one_epoch
 
-CASES = [("resnet18", 128, 64), ("resnet50", 224, 32)]  # model, image size, batch
+CASES = [("resnet18", 128, 64, 20), ("resnet50", 224, 32, 10)]  # model, image size, batch, timed steps
 
 
 def plain_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, steps: int) -> float:
@@ -79,11 +80,13 @@ def imgrec_setup(root: Path, out: Path, name: str, size: int, batch: int, worker
     return Run(config, Console(file=io.StringIO()))
 
 
-def measure(root: Path, work: Path, runs: int, steps: int, workers: int) -> list[dict]:
+def measure(root: Path, work: Path, runs: int, steps_override: int | None, workers: int) -> list[dict]:
     rows = []
-    for name, size, batch in CASES:
+    for name, size, batch, case_steps in CASES:
+        steps = steps_override or case_steps
         plain, ours = [], []
         for repeat in range(runs):
+            torch.set_flush_denormal(False)  # the plain loop as the tutorials write it (imgrec's Run turns it on)
             model, loader, optimizer = plain_setup(root, name, size, batch, workers, classes=10)
             plain_epoch(model, loader, optimizer, steps=3)
             plain.append(plain_epoch(model, loader, optimizer, steps=steps))
@@ -97,24 +100,24 @@ def measure(root: Path, work: Path, runs: int, steps: int, workers: int) -> list
             del run
             print(f"  {name} {size}px run {repeat + 1}: plain {plain[-1]:.1f} img/s, imgrec {ours[-1]:.1f} img/s", flush=True)
         rows.append(
-            {"model": name, "size": size, "batch": batch, "plain": statistics.median(plain), "imgrec": statistics.median(ours), "precision": precision,
+            {"model": name, "size": size, "batch": batch, "steps": steps, "plain": statistics.median(plain), "imgrec": statistics.median(ours), "precision": precision,
              "plain_runs": plain, "imgrec_runs": ours}
         )  # fmt: skip
     return rows
 
 
-def accuracy(work: Path) -> dict[str, float]:
-    """Demo recipe, same seed, fp32 against the default precision; best val top-1 of each."""
+def accuracy(work: Path) -> dict[str, dict[str, float]]:
+    """Demo recipe, same seed, fp32 against the default precision: best and last val top-1, minutes."""
     from imgrec.demo import DEMO_RECIPE, demo_dataset
     from imgrec.engine.train import train
 
     data = demo_dataset(work / "demo-data")
     results = {}
     for precision in ("fp32", "auto"):
+        started = time.perf_counter()
         out = train(data=str(data), out=str(work / f"acc-{precision}"), console=Console(file=io.StringIO()), precision=precision, **DEMO_RECIPE)
-        import json
-
-        results[precision] = json.loads((out / "model.json").read_text())["top1"]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        results[precision] = {"best": max(r["val_top1"] for r in rows), "last": rows[-1]["val_top1"], "minutes": (time.perf_counter() - started) / 60}
     return results
 
 
@@ -122,22 +125,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="dataset root with train/ (default: the synthetic set, 96-320 px JPEGs)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per epoch (default: 20 for resnet18, 10 for resnet50)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--accuracy", action="store_true", help="also train the demo recipe in fp32 and with the defaults")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the --accuracy comparison")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        root = args.data or write_synth_dataset(work / "data", SynthSpec(classes=10, train_per_class=200, val_per_class=10))
-        rows = measure(root, work, args.runs, args.steps, args.workers)
-        print(f"\ntrain images/s, median of {args.runs} runs, {args.steps} timed steps each, {args.workers} workers, {torch.get_num_threads()} threads")
-        print(f"{'model':10s} {'px':>4s} {'batch':>5s} {'plain fp32':>11s} {'imgrec':>8s} {'precision':>9s} {'ratio':>6s}")
-        for r in rows:
-            print(f"{r['model']:10s} {r['size']:4d} {r['batch']:5d} {r['plain']:11.1f} {r['imgrec']:8.1f} {r['precision']:>9s} {r['imgrec'] / r['plain']:5.2f}x")
+        root = args.data or args.skip_throughput or write_synth_dataset(work / "data", SynthSpec(classes=10, train_per_class=200, val_per_class=10))
+        rows = [] if args.skip_throughput else measure(root, work, args.runs, args.steps, args.workers)
+        if rows:
+            print(f"\ntrain images/s, median of {args.runs} runs, {args.workers} workers, {torch.get_num_threads()} threads")
+            print(f"{'model':10s} {'px':>4s} {'batch':>5s} {'plain fp32':>11s} {'imgrec':>8s} {'precision':>9s} {'ratio':>6s}")
+            for r in rows:
+                print(f"{r['model']:10s} {r['size']:4d} {r['batch']:5d} {r['plain']:11.1f} {r['imgrec']:8.1f} {r['precision']:>9s} {r['imgrec'] / r['plain']:5.2f}x")
         if args.accuracy:
             acc = accuracy(work)
-            print(f"\ndemo recipe, best val top-1: fp32 {acc['fp32']:.2f}%, default precision {acc['auto']:.2f}%")
+            for name, r in acc.items():
+                label = "fp32" if name == "fp32" else "default (auto)"
+                print(f"demo recipe, {label}: best val top-1 {r['best']:.2f}%, last {r['last']:.2f}%, {r['minutes']:.1f} min")
 
 
 if __name__ == "__main__":

@@ -480,3 +480,14 @@ def test_bad_training_file_is_skipped_and_logged(synth, tmp_path, workers):
     assert [Path(e["path"]).resolve() for e in entries] == [broken.resolve()]
     assert entries[0]["reason"]
     assert "1 unreadable file(s) were skipped" in console.file.getvalue()
+
+
+@pytest.mark.slow
+def test_compiled_model_saves_plain_weights(synth, tmp_path):
+    """--compile trains through torch.compile, but every file holds the unwrapped model's keys."""
+    run = run_train(synth, tmp_path / "run", epochs=1, steps_per_epoch=2, compile=True)
+    weights = safetensors.torch.load_file(str(run / "model.safetensors"))
+    assert not any(key.startswith("_orig_mod.") for key in weights)
+    assert set(load_checkpoint(run / "last.pt")["model"]) == set(weights)
+    plain = timm.create_model("test_resnet", num_classes=3)
+    plain.load_state_dict(weights)  # strict: loads into the uncompiled architecture

@@ -52,8 +52,10 @@ def demo_dataset(folder: str | os.PathLike, spec: SynthSpec = DEMO_DATA, console
     return folder
 
 
-def run_demo(out: str | os.PathLike = "runs/demo", *, epochs: int | None = None, console: Console | None = None) -> Path:
-    """Run the demo into ``out``; returns the path of the HTML report."""
+def run_demo(
+    out: str | os.PathLike = "runs/demo", *, epochs: int | None = None, spec: SynthSpec = DEMO_DATA, console: Console | None = None
+) -> Path:
+    """Run the demo into ``out``; returns the path of the HTML report. ``spec`` and ``epochs`` shrink it for tests."""
     from imgrec.engine.evaluate import evaluate
     from imgrec.engine.train import train
     from imgrec.predict import load
@@ -62,7 +64,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, epochs: int | None = None,
     console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     out = Path(out)
-    data = demo_dataset(out / "data", console=console)
+    data = demo_dataset(out / "data", spec, console=console)
     for name in RUN_FILES:  # a fresh run each time; the dataset stays cached
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -78,7 +80,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, epochs: int | None = None,
     seconds = time.perf_counter() - started
     summary = {
         "model": f"{recipe['model']} ({sum(p.numel() for p in classifier.model.parameters()) / 1e6:.2f} M parameters)",
-        "data": f"{data}: {DEMO_DATA.classes} classes, {DEMO_DATA.train_per_class} train / {DEMO_DATA.val_per_class} val images each",
+        "data": f"{data}: {spec.classes} classes, {spec.train_per_class} train / {spec.val_per_class} val images each",
         "recipe": f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, AdamW lr {recipe['lr']}, {recipe['data_config']['img_size']} px",
         "device": f"{classifier.device} ({metrics['precision']})",
         "total time": f"{seconds:.0f} s",

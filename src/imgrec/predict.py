@@ -23,7 +23,7 @@ from imgrec.config import DataConfig
 from imgrec.data.decode import BadImageError, load_rgb, to_rgb
 from imgrec.data.folder import iter_image_files
 from imgrec.data.transforms import BatchNormalize, EvalTransform
-from imgrec.engine.hardware import autocast, resolve_device, resolve_precision
+from imgrec.engine.hardware import autocast, flush_denormals, resolve_device, resolve_precision
 
 GLOB_CHARS = "*?["
 
@@ -63,6 +63,7 @@ class Classifier:
         )
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        flush_denormals(self.device)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.normalize = BatchNormalize.from_config(self.data_config, channels_last=True).to(self.device)
         self.transform = EvalTransform.from_config(self.data_config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,6 +19,7 @@ def create_loader(
     seed: int = 0,
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
+    low_priority_workers: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding (uint8 images [B, 3, H, W], int64 labels [B]).
 
@@ -25,6 +28,11 @@ def create_loader(
     Persistent workers (the default for training) save the workers' start-up each epoch; the
     training loop turns them off so that re-seeding ``loader.generator`` before each epoch fixes
     that epoch's order and augmentation, whatever epoch a resumed run starts at.
+
+    ``low_priority_workers`` is for training on the CPU, where the workers share the cores with
+    the model's compute threads: a worker that preempts one of them stalls every thread at the
+    next barrier, so the workers run only on otherwise idle cores (SCHED_IDLE); they still get
+    the CPU whenever the model waits for data. On 2 cores that made a resnet18 step about 5% faster.
     """
     workers = available_cpus() if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed)
@@ -38,4 +46,16 @@ def create_loader(
         persistent_workers=workers > 0 and (train if persistent_workers is None else persistent_workers),
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=lower_worker_priority if low_priority_workers and workers > 0 else None,
     )
+
+
+def lower_worker_priority(worker_id: int) -> None:
+    """Run this worker only when a core would otherwise idle (Linux), or at the lowest nice level."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19)
+        except (AttributeError, OSError):
+            pass

@@ -54,10 +54,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def flush_denormals(device: torch.device) -> None:
+    """On CPU, treat denormal floats as zero (process-wide).
+
+    As a network converges, more and more weights, gradients and optimizer moments underflow into
+    the denormal range, which x86 CPUs handle in slow microcode: without this the same train step
+    got about 20% slower by the end of the demo run. The values lost are below 1e-38.
+    """
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to the precision's dtype on the device; nothing for fp32."""
     dtype = DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-__all__ = ["DTYPES", "autocast", "cpu_has_native_bf16", "resolve_device", "resolve_precision"]
+__all__ = ["DTYPES", "autocast", "cpu_has_native_bf16", "flush_denormals", "resolve_device", "resolve_precision"]

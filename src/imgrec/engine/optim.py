@@ -37,11 +37,16 @@ def create_optimizer(model: torch.nn.Module, opt: str, lr: float, weight_decay: 
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters: nothing to optimise (is everything frozen?)")
-    if opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
-    raise ValueError(f"unknown optimizer {opt!r}: use adamw or sgd")
+    if opt not in BASE_LR:
+        raise ValueError(f"unknown optimizer {opt!r}: use adamw or sgd")
+    make = {
+        "adamw": lambda **kw: torch.optim.AdamW(groups, lr=lr, **kw),
+        "sgd": lambda **kw: torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **kw),
+    }[opt]
+    try:  # one fused kernel for all parameters (CPU and CUDA): fewer passes over memory than foreach
+        return make(fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without fused kernels
+        return make()
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:

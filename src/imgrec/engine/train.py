@@ -26,13 +26,21 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from imgrec.checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from imgrec.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_model_dir,
+    set_rng_state,
+)
 from imgrec.config import TrainConfig, from_dict, save_yaml, to_dict
 from imgrec.data.folder import SkipLog, load_splits, write_class_index
 from imgrec.data.loader import create_loader
 from imgrec.data.transforms import BatchNormalize, EvalTransform, TrainTransform, resolve_data_config
 from imgrec.engine.evaluate import classification_metrics, collect_logits
-from imgrec.engine.hardware import DTYPES, autocast, resolve_device, resolve_precision
+from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
 from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
 from imgrec.models.factory import create_model
 
@@ -74,6 +82,7 @@ class Run:
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
+        flush_denormals(self.device)
         channels_last = config.channels_last if config.channels_last is not None else True
 
         self.skip_log = SkipLog(self.out / "skipped.jsonl")
@@ -97,7 +106,13 @@ class Run:
             if config.batch_size % 2:
                 raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {config.batch_size}")
         self.train_loader = create_loader(
-            self.splits.train, batch_size=config.batch_size, train=True, num_workers=config.workers, seed=config.seed, persistent_workers=False
+            self.splits.train,
+            batch_size=config.batch_size,
+            train=True,
+            num_workers=config.workers,
+            seed=config.seed,
+            persistent_workers=False,
+            low_priority_workers=self.device.type == "cpu",
         )
         self.val_loader = create_loader(self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers)
         if len(self.train_loader) < config.accum_steps:
