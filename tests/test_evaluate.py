@@ -272,14 +272,17 @@ def test_folder_without_images(tmp_path: Path):
         evaluation_dataset(tmp_path / "hollow", ANIMALS, None)
 
 
-def test_labelled_files_skip_bad_images_like_image_folders(tmp_path: Path, flat: Path):
+def test_labelled_files_leave_bad_images_out(tmp_path: Path, flat: Path):
     (flat / "broken.png").write_bytes(b"not a png at all")
     samples = [(str(flat / "broken.png"), 0), (str(flat / "a.png"), 1)]
     log = SkipLog(tmp_path / "skipped.jsonl")
     dataset = LabelledFiles(samples, ANIMALS, root=flat, max_bad_fraction=0.5, skip_log=log)
-    image, label = dataset[0]
-    assert label == 1 and image.size == (12, 10)  # replaced by the next good sample
+    assert dataset[0] is None  # evaluation: counted nowhere, not as its neighbour
+    image, label = dataset[1]
+    assert label == 1 and image.size == (12, 10)
     assert list(log.entries()) == [str(flat / "broken.png")]
+    replacing = LabelledFiles(samples, ANIMALS, root=flat, max_bad_fraction=0.5, skip_log=log, replace_bad=True)
+    assert replacing[0][1] == 1  # the training behaviour: the next good sample
     strict = LabelledFiles(samples, ANIMALS, root=flat, max_bad_fraction=0.0, skip_log=SkipLog(tmp_path / "strict.jsonl"))
     with pytest.raises(DatasetError, match=r"1 of 2 files in .*flat are unreadable"):
         strict[0]

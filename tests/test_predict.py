@@ -15,6 +15,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -420,3 +421,20 @@ def test_load_and_predict_never_unpickle(tmp_path: Path, trained, clf, monkeypat
         assert p.indices == expected.indices
         assert p.probs == pytest.approx(expected.probs, abs=1e-6)
     assert calls == []
+
+
+def test_evaluate_leaves_bad_files_out_and_lists_them(tmp_path: Path, trained, val_reference) -> None:
+    """An unreadable val image counts nowhere (not as its neighbour) and is reported; the temporary
+    skip log goes away both after success and after a failure."""
+    root, run = trained
+    val = shutil.copytree(root / "val", tmp_path / "val")
+    (val / "circle" / "aaa_broken.jpg").write_bytes(b"not an image")  # sorts first: its neighbour would be a circle
+    before = set(Path(tempfile.gettempdir()).glob("imgrec-skipped-*"))
+    metrics = imgrec.evaluate(run, val, precision="fp32", workers=0, max_bad_fraction=0.1)
+    assert metrics["n"] == val_reference["n"] and metrics["top1"] == pytest.approx(val_reference["top1"])
+    assert [Path(s["path"]).name for s in metrics["skipped"]] == ["aaa_broken.jpg"]
+    for name in ("bbb.jpg", "ccc.jpg"):  # 3 bad of 15: over a 10% limit -> DatasetError
+        (val / "circle" / name).write_bytes(b"junk")
+    with pytest.raises(imgrec.DatasetError):
+        imgrec.evaluate(run, val, precision="fp32", workers=0, max_bad_fraction=0.1)
+    assert set(Path(tempfile.gettempdir()).glob("imgrec-skipped-*")) == before

@@ -24,7 +24,7 @@ from rich.console import Console
 import imgrec.checkpoint
 import imgrec.engine.train as train_module
 from imgrec.checkpoint import load_checkpoint, save_checkpoint
-from imgrec.config import DataConfig
+from imgrec.config import DataConfig, TrainConfig
 from imgrec.data.synth import SynthSpec, write_synth_dataset
 from imgrec.engine.hardware import cpu_has_native_bf16, resolve_device, resolve_precision
 from imgrec.engine.optim import cosine_schedule, param_groups, scaled_lr
@@ -174,7 +174,9 @@ def test_config_yaml_holds_resolved_values(plain_run):
     saved = yaml.safe_load((plain_run / "config.yaml").read_text(encoding="utf-8"))
     assert saved["model"] == "test_resnet"
     assert saved["epochs"] == 3 and saved["batch_size"] == 8 and saved["seed"] == 0
-    assert saved["lr"] is None  # not given: scaled from base_lr at run time, not frozen into the config
+    # What the run used: lr scaled from adamw's base 1e-3 by batch 8 / 256, adamw's decay, the precision asked for.
+    assert saved["lr"] == pytest.approx(1e-3 * 8 / 256) and saved["weight_decay"] == 0.05
+    assert saved["precision"] == "fp32" and saved["channels_last"] is True and saved["workers"] == 0
     assert saved["out"] == str(plain_run)
     dc = saved["data_config"]
     assert set(dc) == {f for f in DataConfig.__dataclass_fields__}
@@ -491,3 +493,50 @@ def test_compiled_model_saves_plain_weights(synth, tmp_path):
     assert set(load_checkpoint(run / "last.pt")["model"]) == set(weights)
     plain = timm.create_model("test_resnet", num_classes=3)
     plain.load_state_dict(weights)  # strict: loads into the uncompiled architecture
+
+
+def test_yaml_style_numbers_are_read_as_numbers():
+    config = TrainConfig(lr="1e-3", epochs="10")  # YAML 1.1 reads 1e-3 as a string
+    assert config.lr == 1e-3 and config.epochs == 10
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        TrainConfig(lr="fast")
+    with pytest.raises(ValueError, match="epochs must be a whole number"):
+        TrainConfig(epochs=2.5)
+
+
+def test_resume_on_other_classes_is_refused_before_touching_the_run(synth, tmp_path):
+    run = run_train(synth, tmp_path / "run", epochs=1)
+    before = {name: (run / name).read_bytes() for name in ("classes.json", "config.yaml", "last.pt")}
+    shutil.rmtree(synth.parent / "fewer", ignore_errors=True)
+    fewer = shutil.copytree(synth, tmp_path / "fewer")
+    for split in ("train", "val"):
+        shutil.rmtree(fewer / split / "triangle")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"] = str(fewer)
+    checkpoint = load_checkpoint(run / "last.pt")
+    checkpoint["config"]["data"] = str(fewer)
+    save_checkpoint(run / "last.pt", checkpoint)
+    before["last.pt"] = (run / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match="differ from those of the run"):
+        train(resume=str(run), epochs=2, console=quiet())
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_new_run_refuses_an_out_that_holds_one(plain_run, synth):
+    with pytest.raises(ValueError, match="already holds a training run"):
+        run_train(synth, plain_run, epochs=1)
+
+
+def test_bad_val_files_count_once_and_train_and_val_limits_are_separate(synth, tmp_path):
+    """A bad val image is left out of validation (not replaced by its neighbour), and bad files of
+    train/ do not count against val/'s limit although both share the run's skip log."""
+    data = shutil.copytree(synth, tmp_path / "data")
+    (data / "val" / "circle" / "broken.jpg").write_bytes(b"not an image")
+    (data / "train" / "circle" / "broken.jpg").write_bytes(b"not an image either")
+    (data / "train" / "square" / "broken.jpg").write_bytes(b"nor this")
+    # 2 bad of 26 train (7.7%) and 1 bad of 13 val (7.7%): under a 10% limit each, 3 together would not be.
+    run = run_train(data, tmp_path / "run", epochs=1, batch_size=13, data_config={**DATA_CONFIG, "max_bad_fraction": 0.1})
+    logged = {Path(json.loads(line)["path"]).name for line in (run / "skipped.jsonl").read_text().splitlines()}
+    assert logged == {"broken.jpg"} and len((run / "skipped.jsonl").read_text().splitlines()) == 3
+    top1 = read_metrics(run)[0]["val_top1"]
+    assert round(top1 * 12 / 100, 6).is_integer()  # a share of the 12 good val images, not of 13

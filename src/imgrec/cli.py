@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (DatasetError, FileNotFoundError, IndexError, ValueError) as exc:
+    except (DatasetError, FileNotFoundError, IndexError, ValueError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels of a flat folder: CSV 'filename,class' or ILSVRC's ground-truth list (1-based ids, sorted files)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--confusion", metavar="PNG", help="confusion matrix image (default RUN/confusion.png)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="unreadable files allowed (left out and listed), default 1%%")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
@@ -118,7 +119,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="timm architecture, e.g. resnet50 (`imgrec models` lists them)")
     p.add_argument("--out", help="run directory (default runs/train)")
     p.add_argument("--config", help="YAML file of TrainConfig fields; flags given here win")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (other flags are ignored, except --epochs)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (other flags are ignored, except --epochs, --device, --workers)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per step (default 128)")
     p.add_argument("--accum-steps", type=int, help="batches per optimizer step (gradient accumulation)")
@@ -157,7 +158,10 @@ def train_config_from_args(args: argparse.Namespace):
     values: dict = {}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{args.config} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{args.config} must hold a mapping of TrainConfig fields, e.g. 'epochs: 10'")
     values.update({name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None})
@@ -171,7 +175,13 @@ def run_train(args: argparse.Namespace) -> int:
     from imgrec.engine.train import train
 
     if args.resume:
-        overrides = {"epochs": args.epochs} if args.epochs is not None else {}
+        # Machine-dependent settings may change on resume; the recipe stays the run's own.
+        allowed = ("epochs", "device", "workers")
+        overrides = {name: getattr(args, name) for name in allowed if getattr(args, name) is not None}
+        ignored = [name for name in TRAIN_FIELDS + DATA_FIELDS if name not in allowed and getattr(args, name) not in (None, False)]
+        if ignored or args.config:
+            names = ", ".join("--" + n.replace("_", "-") for n in ignored + (["config"] if args.config else []))
+            console.print(f"note: --resume continues the run's own config; ignoring {names}", style="yellow", highlight=False)
         train(resume=args.resume, console=console, **overrides)
         return 0
     config = train_config_from_args(args)
@@ -302,7 +312,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     confusion = args.confusion or str(Path(args.run) / "confusion.png")
     metrics = evaluate(
         args.run, args.data, labels=args.labels, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        precision=args.precision, json_path=args.json_path, confusion_png=confusion,
+        precision=args.precision, json_path=args.json_path, confusion_png=confusion, max_bad_fraction=args.max_bad_fraction,
     )  # fmt: skip
     print_metrics(metrics)
     console.print(f"confusion matrix: {confusion}" + (f"; metrics: {args.json_path}" if args.json_path else ""), highlight=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,6 +95,7 @@ class TrainConfig:
     data_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         choices = {"opt": ("adamw", "sgd"), "precision": ("auto", "fp32", "bf16", "fp16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -108,6 +110,27 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown data_config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
         self.data_config = dict(self.data_config)
+
+
+def _check_numbers(config: Any) -> None:
+    """Numeric fields hold numbers: YAML reads ``lr: 1e-3`` as a string (YAML 1.1 wants ``1.0e-3``),
+    so numeric strings are converted; anything else is an error naming the field."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kinds = getattr(config, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        if value is None or isinstance(value, bool) or not ({int, float} & set(kinds)):
+            continue
+        if float in kinds and isinstance(value, (int, float)) or int in kinds and isinstance(value, int):
+            continue
+        try:
+            number = float(value)
+            value = int(number) if float not in kinds and number.is_integer() else number
+            if float not in kinds and not isinstance(value, int):
+                raise ValueError
+        except (TypeError, ValueError):
+            wanted = "a number" if float in kinds else "a whole number"
+            raise ValueError(f"{f.name} must be {wanted}, got {value!r}") from None
+        setattr(config, f.name, value)
 
 
 T = TypeVar("T")

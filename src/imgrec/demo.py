@@ -64,6 +64,8 @@ def run_demo(
     console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "data" / "imgrec-synth.json").is_file():
+        raise ValueError(f"{out} is not empty and holds no earlier demo: the demo replaces the run files in it; pick another --out")
     data = demo_dataset(out / "data", spec, console=console)
     for name in RUN_FILES:  # a fresh run each time; the dataset stays cached
         path = out / name

@@ -149,6 +149,7 @@ class ImageFolderDataset:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
         skip_log: SkipLog | None = None,
+        replace_bad: bool = True,
     ):
         self.root = Path(root)
         self.samples, self.classes = scan_image_folder(self.root, classes)
@@ -157,6 +158,7 @@ class ImageFolderDataset:
         self.max_pixels = max_pixels
         self.max_bad_fraction = max_bad_fraction
         self.skip_log = skip_log if skip_log is not None else SkipLog()
+        self.replace_bad = replace_bad
 
     @property
     def targets(self) -> list[int]:
@@ -171,7 +173,16 @@ class ImageFolderDataset:
         image = load_rgb(path, self.max_pixels)
         return (self.transform(image) if self.transform is not None else image), label
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        """Sample ``index``; a bad file is replaced by the next good sample (training), or gives
+        ``None`` when ``replace_bad`` is off (evaluation: every image counts once, bad ones not at
+        all; ``imgrec.data.loader.collate_skipping_none`` drops them from the batch)."""
+        if not getattr(self, "replace_bad", True):
+            try:
+                return self.load(index)
+            except BadImageError as exc:
+                self._skip(exc)
+                return None
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
             try:
@@ -182,7 +193,10 @@ class ImageFolderDataset:
 
     def _skip(self, exc: BadImageError) -> None:
         self.skip_log.record(exc.path, exc.reason)
-        bad = len(self.skip_log)
+        # Count only this dataset's files: train and val may share one log.
+        if getattr(self, "_paths", None) is None:
+            self._paths = {path for path, _ in self.samples}
+        bad = sum(1 for path in self.skip_log.entries() if path in self._paths)
         if bad > self.max_bad_fraction * len(self.samples):
             raise DatasetError(
                 f"{bad} of {len(self.samples)} files in {self.root} are unreadable, more than the "

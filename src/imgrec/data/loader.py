@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from imgrec.utils import available_cpus
 
@@ -20,6 +20,7 @@ def create_loader(
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
     low_priority_workers: bool = False,
+    skip_none: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding (uint8 images [B, 3, H, W], int64 labels [B]).
 
@@ -33,6 +34,7 @@ def create_loader(
     the model's compute threads: a worker that preempts one of them stalls every thread at the
     next barrier, so the workers run only on otherwise idle cores (SCHED_IDLE); they still get
     the CPU whenever the model waits for data. On 2 cores that made a resnet18 step about 5% faster.
+    ``skip_none`` drops the ``None`` samples of a dataset built with ``replace_bad=False``.
     """
     workers = available_cpus() if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed)
@@ -47,7 +49,15 @@ def create_loader(
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=lower_worker_priority if low_priority_workers and workers > 0 else None,
+        collate_fn=collate_skipping_none if skip_none else None,
     )
+
+
+def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Collate the samples that loaded (a dataset with ``replace_bad=False`` gives ``None`` for a
+    bad file); ``None`` for a batch of nothing but bad files."""
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else None
 
 
 def lower_worker_priority(worker_id: int) -> None:

@@ -59,7 +59,10 @@ def collect_logits(
     logits, labels = [], []
     try:
         with torch.inference_mode():
-            for images, targets in loader:
+            for batch in loader:
+                if batch is None:  # every file of this batch was unreadable (see the dataset's skip log)
+                    continue
+                images, targets = batch
                 inputs = normalize(images.to(device, non_blocking=True))
                 with autocast:
                     outputs = model(inputs)
@@ -207,6 +210,7 @@ class LabelledFiles(ImageFolderDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
         skip_log: SkipLog | None = None,
+        replace_bad: bool = False,
     ):
         # The parent's __init__ is skipped on purpose: it would scan root and require every class folder.
         self.root = Path(root)
@@ -217,6 +221,7 @@ class LabelledFiles(ImageFolderDataset):
         self.max_pixels = max_pixels
         self.max_bad_fraction = max_bad_fraction
         self.skip_log = skip_log if skip_log is not None else SkipLog()
+        self.replace_bad = replace_bad  # evaluation: a bad file counts nowhere rather than as its neighbour
 
     def __repr__(self) -> str:
         return f"LabelledFiles({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
@@ -380,13 +385,14 @@ def evaluate(
     precision: str = "auto",
     json_path: str | os.PathLike | None = None,
     confusion_png: str | os.PathLike | None = None,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> dict[str, Any]:
     """Evaluate the model directory ``run`` on ``data``; returns ``classification_metrics`` plus timing.
 
     ``data`` is an ImageFolder (or a dataset root, whose ``val/`` is used), or a flat folder with a
     ``labels`` file. The result adds ``images_per_s`` (model and loading together), ``seconds`` and
     ``skipped`` (unreadable files, each with its reason); ``json_path`` and ``confusion_png``
-    write it to disk.
+    write it to disk. Unreadable files are left out; more than ``max_bad_fraction`` of them is an error.
     """
     import json
     import time
@@ -397,24 +403,28 @@ def evaluate(
 
     classifier = load(run, device=device, precision=precision)
     skip_log = SkipLog()
-    dataset = evaluation_dataset(data, classifier.classes, classifier.transform, labels=labels, skip_log=skip_log)
-    loader = create_loader(dataset, batch_size=batch_size, train=False, num_workers=workers)
-    started = time.perf_counter()
-    logits, targets = collect_logits(
-        classifier.model, loader, device=classifier.device, normalize=classifier.normalize, autocast_dtype=DTYPES[classifier.precision]
-    )
-    seconds = time.perf_counter() - started
+    try:
+        dataset = evaluation_dataset(
+            data, classifier.classes, classifier.transform, labels=labels, skip_log=skip_log, max_bad_fraction=max_bad_fraction
+        )
+        loader = create_loader(dataset, batch_size=batch_size, train=False, num_workers=workers, skip_none=True)
+        started = time.perf_counter()
+        logits, targets = collect_logits(
+            classifier.model, loader, device=classifier.device, normalize=classifier.normalize, autocast_dtype=DTYPES[classifier.precision]
+        )
+        seconds = time.perf_counter() - started
+        skipped = [{"path": path, "reason": reason} for path, reason in skip_log.entries().items()]
+    finally:
+        skip_log.path.unlink(missing_ok=True)
     metrics = classification_metrics(logits, targets, classifier.classes)
     metrics.update(
         images_per_s=round(len(targets) / seconds, 2),
         seconds=round(seconds, 3),
-        skipped=[{"path": path, "reason": reason} for path, reason in skip_log.entries().items()],
+        skipped=skipped,
         data=str(data),
         run=str(run),
         precision=classifier.precision,
     )
-    if skip_log.path.exists():
-        skip_log.path.unlink()
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -57,8 +57,12 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     console = console or Console(soft_wrap=True)
     checkpoint = None
     if resume is not None:
+        if config is not None:
+            raise ValueError("pass either a config or resume=RUN (which continues with the run's own config), not both")
         checkpoint = load_checkpoint(Path(resume) / CHECKPOINT_NAME)
-        config = from_dict(TrainConfig, {**checkpoint["config"], **overrides, "out": str(resume)}, source=f"{resume}/{CHECKPOINT_NAME}")
+        # The weights come from the checkpoint: the pretrained file is not needed (nor read) again.
+        values = {**checkpoint["config"], **overrides, "out": str(resume), "pretrained": None}
+        config = from_dict(TrainConfig, values, source=f"{resume}/{CHECKPOINT_NAME}")
     elif config is None:
         config = TrainConfig(**overrides)
     elif overrides:
@@ -67,7 +71,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         raise ValueError("no training data: pass data=DATA (a folder holding train/<class>/ and val/<class>/)")
     if checkpoint is None and any((Path(config.out) / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME)):
         raise ValueError(f"{config.out} already holds a training run: continue it with --resume {config.out}, or pick another --out")
-    run = Run(config, console)
+    run = Run(config, console, resume_classes=checkpoint["classes"] if checkpoint is not None else None)
     if checkpoint is not None:
         run.restore(checkpoint)
     return run.fit()
@@ -76,7 +80,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
 class Run:
     """The state of one training run; built once, then ``fit`` loops over the epochs."""
 
-    def __init__(self, config: TrainConfig, console: Console):
+    def __init__(self, config: TrainConfig, console: Console, resume_classes: list[str] | None = None):
         self.console = console
         self.out = prepare_output_dir(config.out)
         seed_everything(config.seed)
@@ -89,6 +93,12 @@ class Run:
         dataset_options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
         self.splits = load_splits(config.data, skip_log=self.skip_log, **dataset_options)
         self.classes = self.splits.classes
+        if resume_classes is not None and resume_classes != self.classes:
+            raise ValueError(
+                f"the classes in {config.data} ({len(self.classes)}) differ from those of the run in {self.out} "
+                f"({len(resume_classes)}): resume with the dataset the run was started on"
+            )
+        self.splits.val.replace_bad = False  # validation counts each readable image once
         write_class_index(self.out / "classes.json", self.classes)
 
         model_kwargs = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
@@ -103,8 +113,11 @@ class Run:
         self.forward = torch.compile(self.model) if config.compile else self.model
 
         if config.mixup or config.cutmix:
-            if config.batch_size % 2:
-                raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {config.batch_size}")
+            if config.batch_size % 2 or (len(self.splits.train) < config.batch_size and len(self.splits.train) % 2):
+                raise ValueError(
+                    f"mixup/cutmix pair images within a batch: batch_size must be even, got {config.batch_size} "
+                    f"({len(self.splits.train)} training images)"
+                )
         self.train_loader = create_loader(
             self.splits.train,
             batch_size=config.batch_size,
@@ -114,7 +127,7 @@ class Run:
             persistent_workers=False,
             low_priority_workers=self.device.type == "cpu",
         )
-        self.val_loader = create_loader(self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers)
+        self.val_loader = create_loader(self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True)
         if len(self.train_loader) < config.accum_steps:
             raise ValueError(
                 f"{len(self.splits.train)} training images make {len(self.train_loader)} batch(es) of {config.batch_size}, "
@@ -145,7 +158,16 @@ class Run:
                 mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing, num_classes=len(self.classes)
             )
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        self.config = dataclasses.replace(config, data_config=to_dict(self.data_config))
+        # config.yaml records what the run used, not just what was asked for.
+        self.config = dataclasses.replace(
+            config,
+            data_config=to_dict(self.data_config),
+            lr=lr,
+            weight_decay=self.optimizer.param_groups[0]["weight_decay"],
+            precision=self.precision,
+            channels_last=channels_last,
+            workers=self.train_loader.num_workers,
+        )
         self.epoch = 0  # epochs completed
         self.best = {"top1": -1.0}
         self.writer = open_tensorboard(self.out) if config.tensorboard else None
@@ -158,8 +180,6 @@ class Run:
         self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
-        if checkpoint["classes"] != self.classes:
-            raise ValueError(f"the classes in {self.config.data} differ from the checkpoint's: resume with the same dataset")
         # The schedule of this run (its epochs may have been raised) applies from the first resumed step.
         for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * factor(self.scheduler.last_epoch)
@@ -377,6 +397,8 @@ def prepare_output_dir(out: str | os.PathLike) -> Path:
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"imgrec" * 1024)
         probe.unlink()
+        for stale in out.glob(".*.tmp-*"):  # a checkpoint write cut short by a kill: never read, only space
+            stale.unlink()
     except OSError as exc:
         raise ValueError(f"cannot write to the output folder {out}: {exc.strerror or exc}. Pick another --out or fix its permissions.") from None
     return out
