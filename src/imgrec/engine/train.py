@@ -12,12 +12,14 @@ straight through or was resumed from the checkpoint of epoch ``e - 1``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,25 +355,20 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def epoch_progress(console: Console, description: str, total: int):
-    """A per-epoch bar with loss, lr, images/s and ETA; returns a context yielding (progress, task)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def bar():
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[rate]} img/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-            yield progress, progress.add_task(description, total=total, loss="-", lr="-", rate="-")
-
-    return bar()
+@contextlib.contextmanager
+def epoch_progress(console: Console, description: str, total: int) -> Iterator[tuple[Progress, Any]]:
+    """A per-epoch bar with loss, lr, images/s and ETA, on a terminal; yields (progress, task)."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[rate]} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        yield progress, progress.add_task(description, total=total, loss="-", lr="-", rate="-")
 
 
 def freeze_backbone(model: torch.nn.Module) -> None:
