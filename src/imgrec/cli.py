@@ -215,8 +215,7 @@ def data_config_from_args(args: argparse.Namespace):
         from imgrec.models.factory import create_model
 
         model = create_model(args.model, num_classes=0)
-    names = ("img_size", "crop_pct", "interpolation", "mean", "std", "scale", "ratio", "hflip", "auto_augment", "rotation", "random_erasing", "max_pixels")
-    return resolve_data_config(model, **{n: getattr(args, n) for n in names})
+    return resolve_data_config(model, **{n: getattr(args, n) for n in DATA_FIELDS})
 
 
 def run_synth(args: argparse.Namespace) -> int:

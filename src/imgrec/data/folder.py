@@ -177,7 +177,7 @@ class ImageFolderDataset:
         """Sample ``index``; a bad file is replaced by the next good sample (training), or gives
         ``None`` when ``replace_bad`` is off (evaluation: every image counts once, bad ones not at
         all; ``imgrec.data.loader.collate_skipping_none`` drops them from the batch)."""
-        if not getattr(self, "replace_bad", True):
+        if not self.replace_bad:
             try:
                 return self.load(index)
             except BadImageError as exc:
