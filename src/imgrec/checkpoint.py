@@ -22,40 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from imgrec.utils import atomic_write
+
 CHECKPOINT_NAME = "last.pt"
 WEIGHTS_NAME = "model.safetensors"
 INFO_NAME = "model.json"
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -138,7 +109,6 @@ __all__ = [
     "CHECKPOINT_NAME",
     "INFO_NAME",
     "WEIGHTS_NAME",
-    "atomic_write",
     "load_checkpoint",
     "load_model_dir",
     "read_model_info",

@@ -184,10 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
             console.print(f"note: --resume continues the run's own config; ignoring {names}", style="yellow", highlight=False)
         train(resume=args.resume, console=console, **overrides)
         return 0
-    config = train_config_from_args(args)
-    if not config.data:
-        raise ValueError("--data is required: a folder holding train/<class>/ and val/<class>/ (or --config with data: ...)")
-    train(config, console=console)
+    train(train_config_from_args(args), console=console)
     return 0
 
 

@@ -40,10 +40,9 @@ def demo_dataset(folder: str | os.PathLike, spec: SynthSpec = DEMO_DATA, console
     """The demo dataset in ``folder``, written once: reused while its ``imgrec-synth.json`` matches ``spec``."""
     folder = Path(folder)
     marker = folder / "imgrec-synth.json"
-    wanted = {k: v for k, v in vars(spec).items()}
     if marker.is_file():
         written = json.loads(marker.read_text())
-        if all(written.get(k) == v for k, v in wanted.items()):
+        if all(written.get(k) == v for k, v in vars(spec).items()):
             return folder
         shutil.rmtree(folder)
     if console:

@@ -25,11 +25,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from imgrec.data.decode import BadImageError, load_rgb
+from imgrec.plots import confusion_figure
+from imgrec.utils import atomic_write
 
 THUMBNAIL_PX = 160  # longest side of an embedded prediction thumbnail
-COUNTS_IN_CELLS_MAX = 30  # above this many classes the numbers in confusion cells become unreadable
-TICK_LABELS_MAX = 60  # above this many classes the class names on the confusion axes overlap
-LABEL_CHARS = 24  # class names longer than this are shortened on chart axes (tables show them in full)
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -90,20 +89,9 @@ def write_report(
         + "\n".join(part for part in sections if part)
         + "\n</body>\n</html>\n"
     )
-    return _write_text(Path(out), page)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Write through a temporary file and a rename, so a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda f: f.write(page.encode("utf-8")))
 
 
 # --- formatting ---------------------------------------------------------------------------------
@@ -236,47 +224,14 @@ def _training_section(history: list[dict]) -> str:
     return f"{charts}\n<details><summary>all {len(history)} epochs</summary>\n{table}\n</details>"
 
 
-def _short(name: str) -> str:
-    """Shorten from the middle: class names often share a prefix (or a suffix) and differ at the other end."""
-    if len(name) <= LABEL_CHARS:
-        return name
-    head = (LABEL_CHARS - 1) // 2
-    return name[:head] + "…" + name[-(LABEL_CHARS - 1 - head) :]
-
-
 def _confusion_section(confusion: list[list[int]], class_names: list[str]) -> str:
     counts = np.asarray(confusion, dtype=np.int64)
     if counts.ndim != 2 or counts.size == 0 or counts.shape[0] != counts.shape[1]:
         return '<p class="note">no confusion matrix</p>'
-    k = counts.shape[0]
-    if len(class_names) != k:  # metrics without per-class names still get a readable matrix
-        class_names = [str(i) for i in range(k)]
-    # Colour by the share of each true class, so a rare class's mistakes show as clearly as a common one's.
-    totals = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
-
-    side = min(max(2.5 + 0.32 * k, 4.5), 14.0)
-    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
-    axes = figure.add_subplot()
-    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class")
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    if k <= TICK_LABELS_MAX:
-        labels = [_short(name) for name in class_names]
-        fontsize = 9 if k <= 20 else 7
-        axes.set_xticks(range(k), labels, rotation=90, fontsize=fontsize)
-        axes.set_yticks(range(k), labels, fontsize=fontsize)
-    else:
-        axes.set_title(f"{k} classes (names omitted; see the per-class table)", fontsize=9)
-    if k <= COUNTS_IN_CELLS_MAX:
-        fontsize = 9 if k <= 12 else 6
-        for i in range(k):
-            for j in range(k):
-                if counts[i, j]:
-                    colour = "white" if shares[i, j] > 0.5 else "black"
-                    axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fontsize, color=colour)
-    return f'<div class="confusion">{_img(_png_data_uri(figure), "confusion matrix")}</div>'
+    if len(class_names) != counts.shape[0]:  # metrics without per-class names still get a readable matrix
+        class_names = [str(i) for i in range(counts.shape[0])]
+    figure = confusion_figure(counts.tolist(), class_names)
+    return f'<div class="confusion">{_img(_png_data_uri(figure, dpi=figure.dpi), "confusion matrix")}</div>'
 
 
 # --- predictions --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, load_rgb
+from imgrec.utils import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_BAD_FRACTION = 0.01
@@ -127,9 +128,7 @@ class SkipLog:
         entries = self.entries()
         if entries:
             text = "".join(json.dumps({"path": path, "reason": reason}) + "\n" for path, reason in entries.items())
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, lambda f: f.write(text.encode("utf-8")))
 
 
 class ImageFolderDataset:

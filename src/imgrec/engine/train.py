@@ -30,7 +30,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from imgrec.checkpoint import (
     CHECKPOINT_NAME,
-    atomic_write,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -45,6 +44,7 @@ from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
 from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
 from imgrec.models.factory import create_model
+from imgrec.utils import atomic_write
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
@@ -70,7 +70,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     elif overrides:
         config = dataclasses.replace(config, **overrides)
     if not config.data:
-        raise ValueError("no training data: pass data=DATA (a folder holding train/<class>/ and val/<class>/)")
+        raise ValueError("no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/")
     if checkpoint is None and any((Path(config.out) / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME)):
         raise ValueError(f"{config.out} already holds a training run: continue it with --resume {config.out}, or pick another --out")
     run = Run(config, console, resume_classes=checkpoint["classes"] if checkpoint is not None else None)

@@ -1,0 +1,68 @@
+"""Figures shared by the PNG files and the HTML report: drawn on a bare matplotlib Figure with
+its own Agg canvas, never through pyplot, so no global state or display is touched."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+MAX_LABELLED_CLASSES = 100  # beyond this the tick labels of the confusion heat map are unreadable
+MAX_ANNOTATED_CLASSES = 30  # beyond this the counts no longer fit in the cells
+LABEL_CHARS = 24  # class names longer than this are shortened on the axes
+
+
+def short_label(name: str) -> str:
+    """Shorten from the middle: class names often share a prefix (or a suffix) and differ at the other end."""
+    if len(name) <= LABEL_CHARS:
+        return name
+    head = (LABEL_CHARS - 1) // 2
+    return name[:head] + "\u2026" + name[-(LABEL_CHARS - 1 - head) :]
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str]) -> Figure:
+    """The row-normalised confusion matrix as a heat map: each row shows where a true class went.
+
+    Rows are normalised so that small and large classes read on the same 0..1 scale; the raw
+    counts are written in the non-zero cells up to 30 classes. Class names label both axes up to
+    100 classes, beyond which they could not be read anyway; the resolution gives every class at
+    least a pixel.
+    """
+    counts = np.asarray(confusion, dtype=np.int64)
+    num_classes = len(classes)
+    if counts.shape != (num_classes, num_classes):
+        raise ValueError(f"confusion must be {num_classes} x {num_classes} for {num_classes} classes, got shape {counts.shape}")
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+
+    labelled = num_classes <= MAX_LABELLED_CLASSES
+    side = min(max(5.0, 0.28 * num_classes + 3.0), 32.0) if labelled else 12.0
+    cell_points = 72.0 * (side - 3.0) / num_classes
+    font_size = max(4.0, min(10.0, 0.7 * cell_points))
+    dpi = min(300, max(100, int(np.ceil(1.5 * num_classes / side))))  # at least a pixel per class
+
+    figure = Figure(figsize=(side + 1.5, side), dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(f"Confusion matrix ({int(counts.sum())} images, {num_classes} classes, rows normalised)")
+    if labelled:
+        ticks = np.arange(num_classes)
+        labels = [short_label(name) for name in classes]
+        axes.set_xticks(ticks, labels=labels, rotation=90, fontsize=font_size)
+        axes.set_yticks(ticks, labels=labels, fontsize=font_size)
+    else:
+        axes.set_xticks([])
+        axes.set_yticks([])
+    if num_classes <= MAX_ANNOTATED_CLASSES:
+        for row, col in zip(*np.nonzero(counts), strict=True):
+            colour = "white" if shares[row, col] > 0.5 else "black"
+            axes.text(col, row, str(counts[row, col]), ha="center", va="center", fontsize=font_size, color=colour)
+    figure.tight_layout()
+    return figure
+
+
+__all__ = ["confusion_figure", "short_label"]
