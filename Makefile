@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@if [ -x $(PY) ] && ! $(PY) -c 'import sys' >/dev/null 2>&1; then echo "rebuilding broken $(VENV)"; rm -rf $(VENV); fi
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
 	@touch $(STAMP)
 
 test: venv

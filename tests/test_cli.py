@@ -44,6 +44,7 @@ def test_synth_verify_inspect_end_to_end(tmp_path: Path) -> None:
     for step in ("load_rgb", "random_resized_crop", "horizontal_flip", "resize_shorter_side", "center_crop", "batch_normalize"):
         assert step in shown.stdout
     assert "tensor uint8 (3, 64, 64)" in shown.stdout
+    assert "RandomResizedCropDecode" in shown.stdout and "CenterCropDecode" in shown.stdout  # the default, fast pipelines
     with Image.open(grid) as image:  # 3x3 tiles of 64 px plus padding and captions
         assert image.format == "PNG" and image.width == 3 * 68 and image.height == 3 * (64 + 14 + 4)
 

@@ -166,8 +166,9 @@ def test_bad_inputs_become_error_rows_not_exceptions(trained, clf) -> None:
     assert rows[0].to_dict() == {"source": rows[0].source, "error": rows[0].error}
 
 
-def test_predict_matches_a_hand_computed_forward_pass(trained, clf) -> None:
+def test_predict_matches_a_hand_computed_forward_pass(trained) -> None:
     run = trained[1]
+    clf = imgrec.load(run, device="cpu", precision="fp32", loader="standard")  # the reference transform, computed by hand below
     path = first_val_image(trained[0])
     info = json.loads((run / "model.json").read_text())
     pixels = EvalTransform.from_config(clf.data_config)(load_rgb(path))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgrec.utils import atomic_write
+from imgrec.utils import atomic_write, write_json
 
 CHECKPOINT_NAME = "last.pt"
 WEIGHTS_NAME = "model.safetensors"
@@ -75,8 +75,7 @@ def save_model_dir(run: str | os.PathLike, state_dict: dict[str, torch.Tensor], 
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
     blob = save(tensors, metadata={"architecture": str(info.get("architecture", "")), "format": "pt"})
     atomic_write(run / WEIGHTS_NAME, lambda f: f.write(blob))
-    text = json.dumps(info, indent=2) + "\n"
-    atomic_write(run / INFO_NAME, lambda f: f.write(text.encode("utf-8")))
+    write_json(run / INFO_NAME, info)
     return run
 
 

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (DatasetError, FileNotFoundError, IndexError, ValueError, FloatingPointError) as exc:
+    except (DatasetError, OSError, IndexError, ValueError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -70,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", action=argparse.BooleanOptionalAction, default=None, help="count parameters (default: when 100 or fewer match)")
     p.set_defaults(handler=run_models)
 
+    p = commands.add_parser("prepare", help="turn downloaded datasets into train/ and val/ folders")
+    targets = p.add_subparsers(title="datasets", metavar="DATASET")
+    q = targets.add_parser("imagenet", help="ILSVRC-2012 from its raw archives (train tar, val tar, devkit)")
+    q.add_argument("--src", required=True, help="folder holding ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz")
+    q.add_argument("--out", required=True, help="dataset root to write: OUT/train/<wnid>/, OUT/val/<wnid>/, OUT/class_names.json")
+    q.set_defaults(handler=run_prepare_imagenet)
+
+    p = commands.add_parser("shards", help="write an ImageFolder as WebDataset tar shards (re-encoded JPEGs + class index)")
+    p.add_argument("src", help="an ImageFolder, e.g. DATA/train")
+    p.add_argument("out", help="output folder for shard-NNNNNN.tar files and the class index")
+    p.add_argument("--max-side", type=int, default=512, help="re-encode images to at most this many pixels on the longer side")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
+    p.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 500MB or 1GB")
+    p.add_argument("--classes", help="class index JSON to use (e.g. the train shards' one when writing val)")
+    p.add_argument("--workers", type=int, default=None, help="processes re-encoding images (default: all cores)")
+    p.set_defaults(handler=run_shards)
+
     p = commands.add_parser("train", help="train a classifier on DATA/train, validate on DATA/val; writes a model directory")
     add_train_flags(p)
     p.set_defaults(handler=run_train)
@@ -85,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--loader", choices=["fast", "standard"], default="fast", help="eval pipeline: decode-and-crop (fast) or torchvision's (standard)")
     p.set_defaults(handler=run_evaluate)
 
     p = commands.add_parser("predict", help="top-k classes of images, folders or globs")
@@ -106,16 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Train flags that map one to one to TrainConfig fields (None = not given: the YAML or default wins).
 TRAIN_FIELDS = (
-    "data", "model", "out", "epochs", "batch_size", "accum_steps", "opt", "lr", "base_lr", "weight_decay", "momentum",
+    "data", "val_data", "model", "out", "epochs", "batch_size", "accum_steps", "opt", "lr", "base_lr", "weight_decay", "momentum",
     "warmup_epochs", "min_lr", "label_smoothing", "mixup", "cutmix", "clip_grad", "ema_decay", "pretrained",
     "freeze_backbone", "drop_path", "precision", "channels_last", "compile", "device", "seed", "workers", "steps_per_epoch",
-    "tensorboard",
+    "tensorboard", "loader",
 )  # fmt: skip
 DATA_FIELDS = ("img_size", "crop_pct", "interpolation", "mean", "std", "scale", "ratio", "hflip", "auto_augment", "rotation", "random_erasing", "max_pixels")
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="dataset root holding train/<class>/ and val/<class>/")
+    p.add_argument("--data", help="dataset root holding train/<class>/ and val/<class>/ (or train/ and val/ folders of shards), or a shard pattern/URL")
+    p.add_argument("--val-data", help="validation shards, when --data is a shard pattern, pipe: command or URL")
     p.add_argument("--model", help="timm architecture, e.g. resnet50 (`imgrec models` lists them)")
     p.add_argument("--out", help="run directory (default runs/train)")
     p.add_argument("--config", help="YAML file of TrainConfig fields; flags given here win")
@@ -146,6 +165,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="loader processes (default: all cores)")
     p.add_argument("--steps-per-epoch", type=int, help="cap optimizer steps per epoch")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--loader", choices=["fast", "standard"], help="fast (default): decode-and-crop JPEGs at the crop's scale; standard: torchvision's PIL path")
     add_data_flags(p)
 
 
@@ -309,6 +329,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(
         args.run, args.data, labels=args.labels, batch_size=args.batch_size, workers=args.workers, device=args.device,
         precision=args.precision, json_path=args.json_path, confusion_png=confusion, max_bad_fraction=args.max_bad_fraction,
+        loader=args.loader,
     )  # fmt: skip
     print_metrics(metrics)
     console.print(f"confusion matrix: {confusion}" + (f"; metrics: {args.json_path}" if args.json_path else ""), highlight=False)
@@ -359,13 +380,31 @@ def run_predict(args: argparse.Namespace) -> int:
             if p.error is not None:
                 table.add_row(p.source, "[red]error[/red]", "", p.error)
             else:
-                others = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.labels[1:], p.probs[1:]))
-                table.add_row(p.source, p.label, f"{p.prob:.3f}", others)
+                shown = [f"{c} ({n})" for c, n in zip(p.labels, p.names)] if p.names else p.labels
+                others = ", ".join(f"{c} {q:.2f}" for c, q in zip(shown[1:], p.probs[1:]))
+                table.add_row(p.source, shown[0], f"{p.prob:.3f}", others)
         console.print(table)
     failed = sum(p.error is not None for p in predictions)
     if failed:
         print(f"{failed} of {len(predictions)} input(s) could not be predicted", file=sys.stderr)
     return 0 if failed < len(predictions) else 1
+
+
+def run_prepare_imagenet(args: argparse.Namespace) -> int:
+    from imgrec.data.prepare import prepare_imagenet
+
+    prepare_imagenet(args.src, args.out, console=console)
+    return 0
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    from imgrec.data.shard_writer import parse_size, write_shards
+
+    write_shards(
+        args.src, args.out, max_side=args.max_side, quality=args.quality, shard_size=parse_size(args.shard_size),
+        classes=args.classes, workers=args.workers, console=console,
+    )  # fmt: skip
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

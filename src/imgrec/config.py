@@ -63,7 +63,8 @@ class TrainConfig:
     given come from the model's pretrained config (size, crop_pct, interpolation, mean, std).
     """
 
-    data: str = ""
+    data: str = ""  # root with train/ and val/ (folders or shards), or a shard source (then val_data too)
+    val_data: str | None = None  # validation shards when ``data`` is a shard pattern, pipe: command or URL
     model: str = "resnet50"
     out: str = "runs/train"
     epochs: int = 30
@@ -90,13 +91,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     workers: int | None = None
+    loader: str = "fast"  # fast: decode-and-crop, uint8 all the way; standard: full decode + PIL transforms
     steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke tests, benchmarks)
     tensorboard: bool = True  # event files under RUN/tensorboard when tensorboard is installed
     data_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
-        choices = {"opt": ("adamw", "sgd"), "precision": ("auto", "fp32", "bf16", "fp16")}
+        choices = {"opt": ("adamw", "sgd"), "precision": ("auto", "fp32", "bf16", "fp16"), "loader": ("fast", "standard")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -20,9 +20,9 @@ from PIL import Image, ImageOps
 
 from imgrec.checkpoint import load_model_dir
 from imgrec.config import DataConfig
-from imgrec.data.decode import BadImageError, load_rgb, to_rgb
+from imgrec.data.decode import BadImageError, load_sample, to_rgb
 from imgrec.data.folder import iter_image_files
-from imgrec.data.transforms import BatchNormalize, EvalTransform
+from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.engine.hardware import autocast, flush_denormals, resolve_device, resolve_precision
 
 GLOB_CHARS = "*?["
@@ -37,6 +37,7 @@ class Prediction:
     probs: list[float] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     error: str | None = None
+    names: list[str] = field(default_factory=list)  # human-readable names, when the model has them (ImageNet's words)
 
     @property
     def label(self) -> str | None:
@@ -49,15 +50,23 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"source": self.source, "error": self.error}
-        return {"source": self.source, "top": [{"class": c, "index": i, "prob": p} for c, i, p in zip(self.labels, self.indices, self.probs)]}
+        top = [{"class": c, "index": i, "prob": p} for c, i, p in zip(self.labels, self.indices, self.probs)]
+        for entry, name in zip(top, self.names):
+            entry["name"] = name
+        return {"source": self.source, "top": top}
 
 
 class Classifier:
-    """A trained model with its classes and preprocessing, ready to predict."""
+    """A trained model with its classes and preprocessing, ready to predict.
 
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], *, device: str = "auto", precision: str = "auto"):
+    ``loader`` picks the eval pipeline: ``fast`` (decode-and-crop, the default) or ``standard``
+    (decode everything, resize, centre crop, as torchvision's reference scripts do).
+    """
+
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], *, device: str = "auto", precision: str = "auto", loader: str = "fast"):
         self.info = info
         self.classes: list[str] = list(info["classes"])
+        self.class_names: dict[str, str] = dict(info.get("class_names") or {})
         self.data_config = DataConfig(
             img_size=info["img_size"], crop_pct=info["crop_pct"], interpolation=info["interpolation"], mean=info["mean"], std=info["std"]
         )
@@ -66,7 +75,7 @@ class Classifier:
         flush_denormals(self.device)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.normalize = BatchNormalize.from_config(self.data_config, channels_last=True).to(self.device)
-        self.transform = EvalTransform.from_config(self.data_config)
+        self.transform = eval_transform(self.data_config, loader)
 
     def __repr__(self) -> str:
         return f"Classifier({self.info['architecture']}, {len(self.classes)} classes, {self.device}, {self.precision})"
@@ -97,6 +106,8 @@ class Classifier:
                 values, indices = probs.topk(k, dim=1)
                 for (i, _), vals, idx in zip(good, values.tolist(), indices.tolist()):
                     rows[i].labels, rows[i].probs, rows[i].indices = [self.classes[j] for j in idx], vals, idx
+                    if self.class_names:
+                        rows[i].names = [self.class_names.get(label, label) for label in rows[i].labels]
             results.extend(rows)
         return results
 
@@ -105,8 +116,8 @@ class Classifier:
             if isinstance(item, Prediction):
                 return item
             if isinstance(item, (str, os.PathLike)):
-                image = load_rgb(item)
-            elif isinstance(item, Image.Image):  # the same conversions as a file gets (alpha, 16-bit, EXIF)
+                return load_sample(item, self.transform)
+            if isinstance(item, Image.Image):  # the same conversions as a file gets (alpha, 16-bit, EXIF)
                 image = to_rgb(ImageOps.exif_transpose(item))
             elif isinstance(item, torch.Tensor):
                 from torchvision.transforms.v2.functional import to_pil_image
@@ -160,10 +171,10 @@ def expand_path(text: str) -> Iterator[tuple[str, Any]]:
         yield text, Prediction(text, error="no such file or folder")
 
 
-def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto") -> Classifier:
+def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto", loader: str = "fast") -> Classifier:
     """The classifier in a model directory (``imgrec train --out RUN``); reads only safetensors and JSON."""
     model, info = load_model_dir(run)
-    return Classifier(model, info, device=device, precision=precision)
+    return Classifier(model, info, device=device, precision=precision, loader=loader)
 
 
 __all__ = ["Classifier", "Prediction", "expand_inputs", "load"]

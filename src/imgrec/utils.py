@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def available_cpus() -> int:
@@ -45,3 +46,9 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """``payload`` as indented UTF-8 JSON at ``path``, written atomically (``atomic_write``)."""
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -8,11 +8,12 @@ so that callers can skip the file instead of crashing a long run.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,14 +36,56 @@ class BadImageError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+class EncodedImage(NamedTuple):
+    """An encoded image file held in memory (a member of a tar shard, an upload), named for messages."""
+
+    name: str
+    data: bytes
+
+
+# Where an image comes from: a file on disk, or encoded bytes already in memory.
+ImageSource = Union[str, os.PathLike, EncodedImage]
+
+
+def read_image_bytes(source: ImageSource) -> EncodedImage:
+    """The name and encoded bytes of ``source``; a missing, unreadable or empty file is a ``BadImageError``."""
+    if isinstance(source, EncodedImage):
+        encoded = source
+    else:
+        try:
+            encoded = EncodedImage(str(source), Path(source).read_bytes())
+        except FileNotFoundError:
+            raise BadImageError(source, "file not found (moved or deleted after the scan?)") from None
+        except PermissionError:
+            raise BadImageError(source, "permission denied: make the file readable") from None
+        except IsADirectoryError:
+            raise BadImageError(source, "a folder, not an image file") from None
+    if not encoded.data:
+        raise BadImageError(encoded.name, "empty file (0 bytes)")
+    return encoded
+
+
+def load_sample(source: ImageSource, transform: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+    """One dataset sample: ``transform`` of the decoded RGB image.
+
+    A transform that decodes by itself (``takes_source = True``: the decode-and-crop pipelines of
+    ``imgrec.data.decode_crop``) gets the source and ``max_pixels`` instead, so that it can
+    choose how much of the file to decode.
+    """
+    if getattr(transform, "takes_source", False):
+        return transform(source, max_pixels)
+    image = load_rgb(source, max_pixels)
+    return transform(image) if transform is not None else image
+
+
 class DecodedImage(NamedTuple):
     image: Image.Image  # 8-bit RGB, upright
     format: str  # as stored ("JPEG", "PNG"...), whatever the file's name says
     mode: str  # as stored ("CMYK", "I;16", "P"...)
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as an 8-bit RGB image, upright as a viewer would show it.
+def load_rgb(path: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` (a file, or an ``EncodedImage`` in memory) as an 8-bit RGB image, upright as a viewer would show it.
 
     The format is read from the file's content, not its name. Raises ``BadImageError`` for empty,
     truncated, corrupt or non-image files and for images over ``max_pixels`` pixels (checked from
@@ -51,20 +94,18 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
     return decode_file(path, max_pixels).image
 
 
-def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_file(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """``load_rgb`` that also tells the stored format and colour mode."""
-    path = Path(path)
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
         # Pillow refuses images over twice its MAX_IMAGE_PIXELS itself; a user who asked for
         # bigger images gets them (this is the one place imgrec changes a Pillow setting).
         Image.MAX_IMAGE_PIXELS = max_pixels
+    name, data = read_image_bytes(source)
     try:
-        if path.stat().st_size == 0:
-            raise BadImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_pixel_count(path, img.size, max_pixels)
+            with Image.open(io.BytesIO(data)) as img:
+                check_pixel_count(name, img.size, max_pixels)
                 img.load()
                 stored_format, stored_mode = img.format or "", img.mode
                 return DecodedImage(to_rgb(ImageOps.exif_transpose(img)), stored_format, stored_mode)
@@ -73,29 +114,20 @@ def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except Image.DecompressionBombError as exc:  # Pillow's own hard cap, hit before ours can look
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         count = f"{int(declared.group(1)):,} pixels declared" if declared else str(exc)
-        raise BadImageError(path, f"too many pixels: {count}, over the limit (a decompression bomb, or a huge image)") from None
+        raise BadImageError(name, f"too many pixels: {count}, over the limit (a decompression bomb, or a huge image)") from None
     except Image.UnidentifiedImageError:
-        if _starts_like_an_image(path):  # e.g. a PNG cut off after its header: Pillow can't open it
+        if _starts_like_an_image(data[:16]):  # e.g. a PNG cut off after its header: Pillow can't open it
             raise BadImageError(
-                path, "truncated or corrupt image data: it starts like an image file but its header is incomplete"
+                name, "truncated or corrupt image data: it starts like an image file but its header is incomplete"
             ) from None
-        raise BadImageError(path, "not an image: Pillow recognises no image format in it") from None
-    except FileNotFoundError:
-        raise BadImageError(path, "file not found (moved or deleted after the scan?)") from None
-    except PermissionError:
-        raise BadImageError(path, "permission denied: make the file readable") from None
+        raise BadImageError(name, "not an image: Pillow recognises no image format in it") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for broken data
         message = str(exc) or type(exc).__name__
-        raise BadImageError(path, f"truncated or corrupt image data: {message}") from None
+        raise BadImageError(name, f"truncated or corrupt image data: {message}") from None
 
 
-def _starts_like_an_image(path: Path) -> bool:
-    """Whether the file's first bytes match a format Pillow knows (its signature check only)."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(16)
-    except OSError:
-        return False
+def _starts_like_an_image(prefix: bytes) -> bool:
+    """Whether a file's first bytes match a format Pillow knows (its signature check only)."""
     Image.init()
     for _factory, accept in Image.OPEN.values():
         try:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, load_rgb
-from imgrec.utils import atomic_write
+from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, load_sample
+from imgrec.utils import atomic_write, write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_BAD_FRACTION = 0.01
+CLASS_NAMES_FILE = "class_names.json"
 
 
 class DatasetError(ValueError):
@@ -169,13 +170,12 @@ class ImageFolderDataset:
     def load(self, index: int) -> tuple[Any, int]:
         """Decode and transform sample ``index``; raises ``BadImageError`` if its file is bad."""
         path, label = self.samples[index]
-        image = load_rgb(path, self.max_pixels)
-        return (self.transform(image) if self.transform is not None else image), label
+        return load_sample(path, self.transform, self.max_pixels), label
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         """Sample ``index``; a bad file is replaced by the next good sample (training), or gives
         ``None`` when ``replace_bad`` is off (evaluation: every image counts once, bad ones not at
-        all; ``imgrec.data.loader.collate_skipping_none`` drops them from the batch)."""
+        all; ``imgrec.data.loader.collate_images`` drops them from the batch)."""
         if not self.replace_bad:
             try:
                 return self.load(index)
@@ -209,8 +209,8 @@ class ImageFolderDataset:
 
 @dataclass
 class DatasetSplits:
-    train: ImageFolderDataset
-    val: ImageFolderDataset
+    train: Any  # ImageFolderDataset or imgrec.data.shards.ShardDataset
+    val: Any
 
     @property
     def classes(self) -> list[str]:
@@ -251,15 +251,60 @@ def load_splits(
     root: str | os.PathLike,
     train_transform: Callable[[Any], Any] | None = None,
     eval_transform: Callable[[Any], Any] | None = None,
+    *,
+    val_root: str | os.PathLike | None = None,
+    seed: int = 0,
     **dataset_options: Any,
 ) -> DatasetSplits:
-    """The train and val datasets of an ImageNet-style root, checked to share one class list."""
-    train_dir, val_dir = split_dirs(root)
+    """The train and val datasets of a dataset root, checked to share one class list.
+
+    ``root`` holds ``train/`` and ``val/``, each an ImageFolder or a folder of WebDataset shards
+    (``imgrec shards``). Or ``root`` is itself a shard source (a folder of shards, a brace
+    pattern, a ``pipe:`` command, a URL) for training and ``val_root`` one for validation.
+    Training shards are shuffled (shard order, then a buffer) by ``seed`` and the epoch.
+    """
+    from imgrec.data.shards import is_shard_source
+
+    if val_root is None and is_shard_source(root) and not Path(root, "train").is_dir():
+        raise DatasetError(f"{root} holds shards: name the validation shards too (--val-data), or pass a root with train/ and val/")
+    train_dir, val_dir = (root, val_root) if val_root is not None else split_dirs(root)
+    if is_shard_source(train_dir) or is_shard_source(val_dir):
+        return _shard_splits(train_dir, val_dir, train_transform, eval_transform, seed, **dataset_options)
     train_classes, val_classes = find_classes(train_dir), find_classes(val_dir)
     check_same_classes(train_classes, val_classes, root)
     train = ImageFolderDataset(train_dir, train_transform, classes=train_classes, **dataset_options)
     val = ImageFolderDataset(val_dir, eval_transform, classes=train_classes, **dataset_options)
     return DatasetSplits(train=train, val=val)
+
+
+SHARD_SHUFFLE_BUFFER = 2000  # samples per worker: about 100 MB of encoded ImageNet JPEGs
+
+
+def _shard_splits(train_source, val_source, train_transform, eval_transform, seed: int, **options: Any) -> DatasetSplits:
+    from imgrec.data.shards import ShardDataset
+
+    shard_options = {k: v for k, v in options.items() if k in ("max_pixels", "skip_log")}
+    train = ShardDataset(train_source, train_transform, shuffle=SHARD_SHUFFLE_BUFFER, seed=seed, **shard_options)
+    val = ShardDataset(val_source, eval_transform, **shard_options)
+    if train.classes != val.classes:
+        check_same_classes(train.classes, val.classes, f"{train_source} and {val_source}")
+        raise DatasetError(
+            f"the shards of {train_source} and {val_source} number the classes differently: "
+            f"write the val shards with --classes <train shards>/classes.json"
+        )
+    return DatasetSplits(train=train, val=val)
+
+
+def read_class_names(root: str | os.PathLike) -> dict[str, str] | None:
+    """Human-readable names of the classes (``class_names.json``: folder name -> words), if the
+    dataset root has them (``imgrec prepare imagenet`` writes it)."""
+    path = Path(root, CLASS_NAMES_FILE) if Path(root).is_dir() else None
+    if path is None or not path.is_file():
+        return None
+    names = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(names, dict):
+        raise DatasetError(f"{path} must hold a JSON object mapping class folder names to human-readable names")
+    return {str(k): str(v) for k, v in names.items()}
 
 
 def _some(names: list[str], limit: int = 10) -> str:
@@ -269,8 +314,7 @@ def _some(names: list[str], limit: int = 10) -> str:
 
 def write_class_index(path: str | os.PathLike, classes: list[str]) -> None:
     """Save the class-to-index mapping as JSON ({"classes": [...], "class_to_idx": {...}})."""
-    payload = {"classes": list(classes), "class_to_idx": {name: i for i, name in enumerate(classes)}}
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_json(path, {"classes": list(classes), "class_to_idx": {name: i for i, name in enumerate(classes)}})
 
 
 def read_class_index(path: str | os.PathLike) -> list[str]:

@@ -18,7 +18,14 @@ from PIL import Image, ImageDraw
 from imgrec.config import DataConfig
 from imgrec.data.decode import load_rgb
 from imgrec.data.folder import ImageFolderDataset, split_dirs
-from imgrec.data.transforms import BatchNormalize, EvalTransform, StepwiseTransform, TrainTransform
+from imgrec.data.transforms import (
+    BatchNormalize,
+    EvalTransform,
+    StepwiseTransform,
+    TrainTransform,
+    eval_transform,
+    train_transform,
+)
 
 
 @dataclass
@@ -86,10 +93,13 @@ def inspect_pipeline(
     eval_steps, eval_tensor = walk(EvalTransform.from_config(config), image, "eval")
     steps += train_steps + [PipelineStep("train", "batch_normalize (on device)", describe(batch))]
     steps += eval_steps + [PipelineStep("eval", "batch_normalize (on device)", describe(BatchNormalize.from_config(config)(eval_tensor.unsqueeze(0))))]
+    # The default (fast) pipelines decode and crop in one step, from the file itself.
+    for pipeline, transform in (("train (fast)", train_transform(config)), ("eval (fast)", eval_transform(config))):
+        steps.append(PipelineStep(pipeline, f"decode, crop, resize: {transform!r}", describe(transform(path, config.max_pixels))))
 
     grid = None
     if out is not None and samples > 0:
-        dataset.transform = TrainTransform.from_config(config)
+        dataset.transform = train_transform(config)
         picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
         tiles = [(dataset[i][0], dataset.classes[dataset.samples[i][1]]) for i in picks]
         grid = Path(out)

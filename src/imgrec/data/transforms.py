@@ -20,6 +20,9 @@ from torchvision.transforms import InterpolationMode, v2
 
 from imgrec.config import DataConfig
 
+# "fast": decode-and-crop (imgrec.data.decode_crop); "standard": decode everything, then PIL transforms.
+LOADERS = ("fast", "standard")
+
 INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
@@ -87,10 +90,7 @@ class TrainTransform(StepwiseTransform):
         self.steps = [("random_resized_crop", v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True))]
         if hflip > 0:
             self.steps.append(("horizontal_flip", v2.RandomHorizontalFlip(hflip)))
-        if auto_augment:
-            self.steps.append(("auto_augment", auto_augment_transform(auto_augment, mode, fill)))
-        if rotation:
-            self.steps.append(("rotation", v2.RandomRotation(rotation, interpolation=mode, fill=list(fill))))
+        self.steps.extend(augment_steps(interpolation, auto_augment, rotation, fill))
         self.steps.append(("to_uint8_tensor", v2.PILToTensor()))
 
     @classmethod
@@ -126,6 +126,44 @@ class EvalTransform(StepwiseTransform):
     @classmethod
     def from_config(cls, config: DataConfig) -> EvalTransform:
         return cls(img_size=config.img_size, crop_pct=config.crop_pct, interpolation=config.interpolation)
+
+
+def augment_steps(interpolation: str, auto_augment: str | None, rotation: float, fill: tuple[int, int, int]) -> list[tuple[str, Any]]:
+    """The augmentations after the crop and flip; each works on PIL images and uint8 tensors alike."""
+    mode, steps = INTERPOLATIONS[interpolation], []
+    if auto_augment:
+        steps.append(("auto_augment", auto_augment_transform(auto_augment, mode, fill)))
+    if rotation:
+        steps.append(("rotation", v2.RandomRotation(rotation, interpolation=mode, fill=list(fill))))
+    return steps
+
+
+def train_transform(config: DataConfig, loader: str = "fast") -> Callable[..., torch.Tensor]:
+    """The training pipeline of ``config``: decode-and-crop (``fast``) or PIL transforms (``standard``)."""
+    if check_loader(loader) == "standard":
+        return TrainTransform.from_config(config)
+    from imgrec.data.decode_crop import RandomResizedCropDecode
+
+    steps = augment_steps(config.interpolation, config.auto_augment, config.rotation, tuple(round(m * 255) for m in config.mean))
+    return RandomResizedCropDecode(
+        config.img_size, scale=config.scale, ratio=config.ratio, hflip=config.hflip, interpolation=config.interpolation,
+        augment=v2.Compose([step for _, step in steps]) if steps else None,
+    )  # fmt: skip
+
+
+def eval_transform(config: DataConfig, loader: str = "fast") -> Callable[..., torch.Tensor]:
+    """The evaluation pipeline of ``config``: resize the shorter side, centre crop; fast or standard."""
+    if check_loader(loader) == "standard":
+        return EvalTransform.from_config(config)
+    from imgrec.data.decode_crop import CenterCropDecode
+
+    return CenterCropDecode(config.img_size, crop_pct=config.crop_pct, interpolation=config.interpolation)
+
+
+def check_loader(loader: str) -> str:
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    return loader
 
 
 def auto_augment_transform(spec: str, interpolation: InterpolationMode, fill: tuple[int, int, int]) -> Callable[[Any], Any]:

@@ -350,6 +350,7 @@ def evaluate(
     json_path: str | os.PathLike | None = None,
     confusion_png: str | os.PathLike | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    loader: str = "fast",
 ) -> dict[str, Any]:
     """Evaluate the model directory ``run`` on ``data``; returns ``classification_metrics`` plus timing.
 
@@ -357,6 +358,7 @@ def evaluate(
     ``labels`` file. The result adds ``images_per_s`` (model and loading together), ``seconds`` and
     ``skipped`` (unreadable files, each with its reason); ``json_path`` and ``confusion_png``
     write it to disk. Unreadable files are left out; more than ``max_bad_fraction`` of them is an error.
+    ``loader`` is the eval pipeline: ``fast`` (decode-and-crop) or ``standard`` (torchvision's).
     """
     import json
     import time
@@ -365,16 +367,16 @@ def evaluate(
     from imgrec.engine.hardware import DTYPES
     from imgrec.predict import load
 
-    classifier = load(run, device=device, precision=precision)
+    classifier = load(run, device=device, precision=precision, loader=loader)
     skip_log = SkipLog()
     try:
         dataset = evaluation_dataset(
             data, classifier.classes, classifier.transform, labels=labels, skip_log=skip_log, max_bad_fraction=max_bad_fraction
         )
-        loader = create_loader(dataset, batch_size=batch_size, train=False, num_workers=workers, skip_none=True)
+        batches = create_loader(dataset, batch_size=batch_size, train=False, num_workers=workers, skip_none=True, channels_last=True)
         started = time.perf_counter()
         logits, targets = collect_logits(
-            classifier.model, loader, device=classifier.device, normalize=classifier.normalize, autocast_dtype=DTYPES[classifier.precision]
+            classifier.model, batches, device=classifier.device, normalize=classifier.normalize, autocast_dtype=DTYPES[classifier.precision]
         )
         seconds = time.perf_counter() - started
         skipped = [{"path": path, "reason": reason} for path, reason in skip_log.entries().items()]
@@ -388,6 +390,7 @@ def evaluate(
         data=str(data),
         run=str(run),
         precision=classifier.precision,
+        loader=loader,
     )
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

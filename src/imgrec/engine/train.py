@@ -37,9 +37,9 @@ from imgrec.checkpoint import (
     set_rng_state,
 )
 from imgrec.config import TrainConfig, from_dict, save_yaml, to_dict
-from imgrec.data.folder import SkipLog, load_splits, write_class_index
+from imgrec.data.folder import SkipLog, load_splits, read_class_names, write_class_index
 from imgrec.data.loader import create_loader
-from imgrec.data.transforms import BatchNormalize, EvalTransform, TrainTransform, resolve_data_config
+from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config, train_transform
 from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
 from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
@@ -93,7 +93,8 @@ class Run:
 
         self.skip_log = SkipLog(self.out / "skipped.jsonl")
         dataset_options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
-        self.splits = load_splits(config.data, skip_log=self.skip_log, **dataset_options)
+        self.splits = load_splits(config.data, val_root=config.val_data, seed=config.seed, skip_log=self.skip_log, **dataset_options)
+        self.class_names = read_class_names(config.data)
         self.classes = self.splits.classes
         if resume_classes is not None and resume_classes != self.classes:
             raise ValueError(
@@ -107,8 +108,8 @@ class Run:
         self.model = create_model(config.model, num_classes=len(self.classes), pretrained=config.pretrained, **model_kwargs)
         # Size, crop_pct, interpolation, mean and std come from the architecture unless given.
         self.data_config = dc = resolve_data_config(self.model, **config.data_config)
-        self.splits.train.transform = TrainTransform.from_config(dc)
-        self.splits.val.transform = EvalTransform.from_config(dc)
+        self.splits.train.transform = train_transform(dc, config.loader)
+        self.splits.val.transform = eval_transform(dc, config.loader)
         if config.freeze_backbone:
             freeze_backbone(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -128,8 +129,11 @@ class Run:
             seed=config.seed,
             persistent_workers=False,
             low_priority_workers=self.device.type == "cpu",
+            channels_last=channels_last,
         )
-        self.val_loader = create_loader(self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True)
+        self.val_loader = create_loader(
+            self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=channels_last
+        )
         if len(self.train_loader) < config.accum_steps:
             raise ValueError(
                 f"{len(self.splits.train)} training images make {len(self.train_loader)} batch(es) of {config.batch_size}, "
@@ -209,6 +213,8 @@ class Run:
             epoch = self.epoch + 1
             seed_everything(config.seed * 100_003 + epoch)
             self.train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
+            if hasattr(self.splits.train, "set_epoch"):  # shards: the shard order and shuffle buffer
+                self.splits.train.set_epoch(epoch)
             started = time.perf_counter()
             stats = train_one_epoch(self, epoch)
             metrics = self.validate()
@@ -283,6 +289,8 @@ class Run:
             "epoch": self.best["epoch"],
             "weights": self.best["weights"],
         }
+        if self.class_names:
+            info["class_names"] = {c: self.class_names.get(c, c) for c in self.classes}
         save_model_dir(self.out, weights.state_dict(), info)
 
     def save_checkpoint(self) -> None:
@@ -315,7 +323,11 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     with epoch_progress(run.console, f"epoch {epoch}/{config.epochs}", run.steps_per_epoch) as (progress, task):
         loader = iter(run.train_loader)
         for index in range(batches):
-            inputs, targets = next(loader)
+            batch = next(loader, None)
+            if batch is None:  # shards: each worker drops its own last partial batch, so an epoch may end early
+                batches = index
+                break
+            inputs, targets = batch
             inputs = run.train_normalize(inputs.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             if run.mixup is not None:
@@ -344,7 +356,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
                 progress.update(task, completed=step, loss=f"{loss_sum.item() / (index + 1):.4f}", lr=f"{lr:.3g}", rate=f"{rate:.0f}")
         del loader
     seconds = time.perf_counter() - started
-    loss = loss_sum.item() / batches
+    loss = loss_sum.item() / max(batches, 1)
     if not math.isfinite(loss):
         raise FloatingPointError(f"the training loss became {loss} in epoch {epoch}: lower the learning rate or use --precision fp32")
     return {"loss": loss, "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
