@@ -1,7 +1,7 @@
 """Loading throughput: an ImageFolder of JPEG files against the same images as WebDataset shards.
 
-Both sides decode and transform the same images the same way (``EvalTransform(img_size=224)``:
-resize the shorter side, centre crop, uint8 tensor) through a ``DataLoader`` with 1 and 2
+Both sides decode and transform the same images the same way (the eval pipeline at 224:
+resize the shorter side, centre crop, uint8 tensor; ``--loader fast`` by default) through a ``DataLoader`` with 1 and 2
 workers and batches of 32. The folder is the demo dataset at ImageNet-like sizes (300-500 px,
 JPEG quality 90), or ``--data``; its shards are written with ``imgrec shards``' defaults
 (longer side at most 512 px, quality 90), so the images keep their size and nearly their bytes.
@@ -34,7 +34,8 @@ from imgrec.data.folder import ImageFolderDataset
 from imgrec.data.shard_writer import parse_size, write_shards
 from imgrec.data.shards import ShardDataset
 from imgrec.data.synth import SynthSpec, write_synth_dataset
-from imgrec.data.transforms import EvalTransform
+from imgrec.config import DataConfig
+from imgrec.data.transforms import eval_transform
 from imgrec.utils import available_cpus
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="an ImageFolder to use instead of the generated one")
     parser.add_argument("--images", type=int, default=400, help="images in the generated folder")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--loader", choices=["fast", "standard"], default="fast", help="the eval pipeline both sides use")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shard-size", default="4MB", help="small enough for several shards per worker")
@@ -82,7 +84,7 @@ def main() -> None:
             f"in {time.perf_counter() - started:.1f} s on {available_cpus()} core(s)"
         )
 
-        transform = EvalTransform(img_size=224)
+        transform = eval_transform(DataConfig(img_size=224), args.loader)
         datasets = {"folder": ImageFolderDataset(folder, transform), "shards": ShardDataset(info.out, transform)}
         cases = {(kind, w): make_loader(datasets[kind], w, args.batch_size) for w in args.workers for kind in datasets}
         for loader in cases.values():
@@ -94,7 +96,7 @@ def main() -> None:
 
     console.print(
         f"{platform.node()}, {_cpu_name()}, {available_cpus()} core(s), torch {torch.__version__}, "
-        f"{datetime.date.today()}: {info.samples} images, EvalTransform(224), batch {args.batch_size}, median of {args.runs} runs"
+        f"{datetime.date.today()}: {info.samples} images, {args.loader} eval pipeline at 224, batch {args.batch_size}, median of {args.runs} runs"
     )
     table = Table()
     for name in ("workers", "folder img/s", "shards img/s", "shards / folder"):
