@@ -30,11 +30,11 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from imgrec.config import DataConfig
 from imgrec.data.folder import ImageFolderDataset
 from imgrec.data.shard_writer import parse_size, write_shards
 from imgrec.data.shards import ShardDataset
 from imgrec.data.synth import SynthSpec, write_synth_dataset
-from imgrec.config import DataConfig
 from imgrec.data.transforms import eval_transform
 from imgrec.utils import available_cpus
 

@@ -12,7 +12,6 @@ import io
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 import numpy as np
@@ -21,6 +20,10 @@ from PIL import Image, ImageOps
 # The same cap Pillow warns at (about 89 megapixels): far above any photo in ImageNet, far below
 # what a crafted "decompression bomb" header declares.
 DEFAULT_MAX_PIXELS = 89_478_485
+
+# Files are read whole before decoding; a larger "image" (a 2 GB video named .jpg) is refused
+# instead of filling a worker's memory. 16-bit PNGs at the pixel limit stay well under it.
+MAX_FILE_BYTES = 1 << 30
 
 # Transparent pixels are laid over the ImageNet mean colour: it normalises to about zero, so a
 # transparent area reads as "nothing" to the network rather than as black or white.
@@ -53,13 +56,19 @@ def read_image_bytes(source: ImageSource) -> EncodedImage:
         encoded = source
     else:
         try:
-            encoded = EncodedImage(str(source), Path(source).read_bytes())
+            with open(source, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_FILE_BYTES:
+                    raise BadImageError(source, f"file of {size:,} bytes, over the {MAX_FILE_BYTES:,} bytes an image may have")
+                encoded = EncodedImage(str(source), f.read())
         except FileNotFoundError:
             raise BadImageError(source, "file not found (moved or deleted after the scan?)") from None
         except PermissionError:
             raise BadImageError(source, "permission denied: make the file readable") from None
         except IsADirectoryError:
             raise BadImageError(source, "a folder, not an image file") from None
+        except OSError as exc:  # a bad sector, a stale network mount...: this file, not the run
+            raise BadImageError(source, f"cannot read the file: {exc.strerror or exc}") from None
     if not encoded.data:
         raise BadImageError(encoded.name, "empty file (0 bytes)")
     return encoded

@@ -82,22 +82,24 @@ class DecodeCrop:
             except ValueError:  # corrupt or unusual: Pillow decodes what can be decoded, or says why not
                 array = None
             if array is not None:
-                # Decoded pixel k covers original pixels [k * scale, (k + 1) * scale): the last one
-                # may be partial (the decoded size is rounded up), so the scale is exactly 1/scale.
-                return self.resize_crop(orient(array, orientation), box, 1 / scale)
+                # Decoded pixel k covers stored pixels [k * scale, (k + 1) * scale): the last one may
+                # be partial (sizes round up), so the scale is exactly 1/scale, and on an axis that
+                # the EXIF orientation reverses the partial pixel comes first, shifting the grid.
+                return self.resize_crop(orient(array, orientation), box, 1 / scale, partial_pixel_offset(height, width, scale, orientation))
         image = load_rgb(EncodedImage(*encoded), max_pixels)
         return self.resize_crop(np.asarray(image), self.crop_box(image.height, image.width))
 
-    def resize_crop(self, array: np.ndarray, box: CropBox, scale: float = 1.0) -> torch.Tensor:
-        """Cut ``box`` (in original pixels; ``array`` is the image at ``scale`` times that size) out of
-        an HWC array, resize it to the output size, mirror it if asked.
+    def resize_crop(self, array: np.ndarray, box: CropBox, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+        """Cut ``box`` (in original pixels; ``array`` is the image at ``scale`` times that size,
+        shifted by ``offset`` original pixels) out of an HWC array, resize it, mirror it if asked.
 
         A box on whole pixels of ``array`` goes through torch's SIMD uint8 resize. One that is
         not (a DCT-scaled decode of a box that is not a multiple of the scale) goes through
         Pillow's resize, which takes a fractional box, so that the crop is where the box says,
         not up to half a decoded pixel off (on photos that offset alone cost 2-3 grey levels).
         """
-        top, left, height, width = (v * scale for v in (box.top, box.left, box.height, box.width))
+        top, left = (box.top + offset[0]) * scale, (box.left + offset[1]) * scale
+        height, width = box.height * scale, box.width * scale
         bottom, right = top + height, left + width
         if all(abs(v - round(v)) < 1e-6 for v in (top, left, bottom, right)):
             region = array[round(top) : round(bottom), round(left) : round(right)]
@@ -173,7 +175,9 @@ class CenterCropDecode(DecodeCrop):
         sy, sx = height / rh, width / rw
         return CropBox(top * sy, left * sx, self.size[0] * sy, self.size[1] * sx, size=(height, width))
 
-    def resize_crop(self, array: np.ndarray, box: CropBox, scale: float = 1.0) -> torch.Tensor:
+    def resize_crop(self, array: np.ndarray, box: CropBox, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+        if offset != (0.0, 0.0):  # the grid does not start at the array's corner: the fractional-box path
+            return super().resize_crop(array, box, scale, offset)
         height, width = box.size
         (rh, rw), (top, left) = self.resized(height, width)
         fy, fx = rh / (height * scale), rw / (width * scale)  # output pixels per pixel of ``array``
@@ -209,10 +213,23 @@ def resize_uint8(image: torch.Tensor, mode: InterpolationMode, *, size=None, sca
     batch = image.as_strided((1, c, h, w), (image.numel(), *image.stride()))
     smooth = mode != InterpolationMode.NEAREST
     out = torch.nn.functional.interpolate(
-        batch, size=size, scale_factor=scale, mode=mode.value, antialias=smooth, align_corners=False if smooth else None,
+        batch, size=size, scale_factor=scale, mode=mode.value if smooth else "nearest-exact",  # pixel centres, as Pillow
+        antialias=smooth, align_corners=False if smooth else None,
         recompute_scale_factor=False if scale is not None else None,
     )  # fmt: skip
     return out[0]
+
+
+def partial_pixel_offset(height: int, width: int, scale: int, orientation: int) -> tuple[float, float]:
+    """Where the upright image starts in a DCT-scaled decode, in original pixels per upright axis.
+
+    A stored side of ``n`` pixels decodes to ``ceil(n / scale)`` pixels, the last one partial. An
+    EXIF orientation that reverses an upright axis (rows: 3, 4, 7, 8; columns: 2, 3, 6, 7) puts
+    that partial pixel first, so the image starts ``ceil(n / scale) * scale - n`` pixels into it.
+    """
+    rows, cols = (height, width) if orientation < 5 else (width, height)
+    padding = lambda n: -(-n // scale) * scale - n  # noqa: E731
+    return (float(padding(rows)) if orientation in (3, 4, 7, 8) else 0.0, float(padding(cols)) if orientation in (2, 3, 6, 7) else 0.0)
 
 
 def dct_scale(box: CropBox, size: tuple[int, int]) -> int:
@@ -263,8 +280,8 @@ def _tiff_orientation(tiff: bytes) -> int:
         for i in range(count):
             entry = ifd + 2 + 12 * i
             tag, kind = struct.unpack(order + "HH", tiff[entry : entry + 4])
-            if tag == 0x0112 and kind == 3:  # Orientation, a SHORT
-                (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+            if tag == 0x0112 and kind in (3, 4):  # Orientation: a SHORT, or (rarely) a LONG
+                (value,) = struct.unpack(order + ("H" if kind == 3 else "I"), tiff[entry + 8 : entry + (10 if kind == 3 else 12)])
                 return value if 1 <= value <= 8 else 1
     except (KeyError, struct.error):
         pass

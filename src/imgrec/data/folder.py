@@ -301,7 +301,10 @@ def read_class_names(root: str | os.PathLike) -> dict[str, str] | None:
     path = Path(root, CLASS_NAMES_FILE) if Path(root).is_dir() else None
     if path is None or not path.is_file():
         return None
-    names = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc}): fix it, or delete it to use the folder names") from None
     if not isinstance(names, dict):
         raise DatasetError(f"{path} must hold a JSON object mapping class folder names to human-readable names")
     return {str(k): str(v) for k, v in names.items()}

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shlex
+import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -202,6 +203,7 @@ class ShardDataset(IterableDataset):
         missing = [url for url in self.shards if not _scheme(url) and not Path(url).is_file()]
         if missing:
             raise DatasetError(f"{len(missing)} shard file(s) do not exist, e.g. {missing[0]}: check the path or pattern")
+        self.shard_samples: dict[str, int] = {}  # samples per shard, where shards.json says
         names, counts = self._read_metadata() if classes is None or length is None else (None, None)
         self.classes = list(classes) if classes is not None else names
         self.length = length if length is not None else counts
@@ -231,6 +233,8 @@ class ShardDataset(IterableDataset):
                 index, meta = _read_json(_join(prefix, "classes.json")), _read_json(_join(prefix, "shards.json"))
                 counts = {s["name"]: int(s["samples"]) for s in meta["shards"]} if meta else {}
                 folders[prefix] = (index["classes"] if index else None, counts)
+            if name in folders[prefix][1]:
+                self.shard_samples[url] = folders[prefix][1][name]
             if total is not None and name in folders[prefix][1]:
                 total += folders[prefix][1][name]
             else:
@@ -253,21 +257,51 @@ class ShardDataset(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return rank * workers + worker, world * workers
 
-    def __iter__(self) -> Iterator[tuple[Any, int]]:
-        split, splits = self._split()
+    def epoch_shards(self, epoch: int) -> list[str]:
+        """The shard order of ``epoch``: shuffled by (seed, epoch) when shuffling, identical in every process."""
         shards = list(self.shards)
         if self.shuffle > 0:
-            _rng("shards", self.seed, self.epoch).shuffle(shards)  # identical in every process
+            _rng("shards", self.seed, epoch).shuffle(shards)
+        return shards
+
+    def split_sizes(self, epoch: int, splits: int) -> list[int]:
+        """Samples each of ``splits`` readers gets in ``epoch`` (bad samples aside), from the shards'
+        counts in shards.json; an even share of ``len(self)`` where the counts are unknown."""
+        counts = [self.shard_samples.get(url) for url in self.epoch_shards(epoch)]
+        if None in counts or len(counts) < splits:
+            total = sum(counts) if None not in counts else self.length
+            return [total // splits + (1 if i < total % splits else 0) for i in range(splits)]
+        return [sum(counts[i::splits]) for i in range(splits)]
+
+    def full_batches(self, batch_size: int, workers: int, epochs: range) -> int:
+        """Batches that every rank gets in every epoch of ``epochs``, when each of its ``workers``
+        DataLoader workers drops its own last partial batch: the steps an epoch can promise."""
+        _, world = distributed_rank_world()
+        workers = max(1, workers)
+        fewest = None
+        for epoch in epochs:
+            sizes = self.split_sizes(epoch, world * workers)
+            for rank in range(world):
+                batches = sum(n // batch_size for n in sizes[rank * workers : (rank + 1) * workers])
+                fewest = batches if fewest is None else min(fewest, batches)
+        return fewest or 0
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        split, splits = self._split()
+        shards = self.epoch_shards(self.epoch)
         if len(shards) >= splits:
-            samples: Iterable[dict[str, Any]] = read_shards(shards[split::splits])
+            samples: Iterable[dict[str, Any]] = read_shards(shards[split::splits], self._skip_shard)
         else:
-            samples = islice(read_shards(shards), split, None, splits)
+            samples = islice(read_shards(shards, self._skip_shard), split, None, splits)
         if self.shuffle > 0:
             samples = shuffle_buffer(samples, self.shuffle, _rng("samples", self.seed, self.epoch, split))
         for sample in samples:
             item = self._load(sample)
             if item is not None:
                 yield item
+
+    def _skip_shard(self, url: str, exc: Exception) -> None:
+        self.skip_log.record(url, f"unreadable shard, the rest of it skipped: {type(exc).__name__}: {exc}")
 
     def _load(self, sample: dict[str, Any]) -> tuple[Any, int] | None:
         name = f"{sample['__url__']}:{sample['__key__']}"
@@ -296,8 +330,18 @@ class ShardDataset(IterableDataset):
         return f"ShardDataset({self.source!r}, {len(self.shards)} shards, {self.length} samples, {len(self.classes)} classes)"
 
 
-def read_shards(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """The raw samples ({"__key__", "__url__", ext: bytes}) of each shard in turn; nothing is decoded."""
+def read_shards(urls: Iterable[str], on_error: Callable[[str, Exception], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The raw samples ({"__key__", "__url__", ext: bytes}) of each shard in turn; nothing is decoded.
+
+    A shard that cannot be opened or read to the end (truncated, corrupt, a dropped connection)
+    is passed to ``on_error`` with the exception and the next shard is read; without
+    ``on_error`` the exception propagates.
+    """
     for url in urls:
-        with open_url(url) as stream:
-            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        try:
+            with open_url(url) as stream:
+                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            if on_error is None:
+                raise
+            on_error(url, exc)

@@ -1,7 +1,8 @@
 """Check every image below a folder in parallel: which files are bad and why, and a summary.
 
-Each file goes through the same decoder that training uses (``load_rgb``), so a file that
-passes here will load in training, and one that fails here would be skipped there.
+Each file goes through the robust decoder of the standard pipeline (``load_rgb``), which the
+fast decode-and-crop pipeline also falls back to for every file libjpeg-turbo will not take, so a
+file that passes here will load in training, and one that fails here would be skipped there.
 """
 
 from __future__ import annotations

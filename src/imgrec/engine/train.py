@@ -134,12 +134,16 @@ class Run:
         self.val_loader = create_loader(
             self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=channels_last
         )
-        if len(self.train_loader) < config.accum_steps:
+        batches = len(self.train_loader)
+        if hasattr(self.splits.train, "full_batches"):  # shards: each worker drops its own partial batch
+            batches = self.splits.train.full_batches(config.batch_size, self.train_loader.num_workers, range(1, config.epochs + 1))
+        if batches < config.accum_steps:
             raise ValueError(
-                f"{len(self.splits.train)} training images make {len(self.train_loader)} batch(es) of {config.batch_size}, "
-                f"fewer than accum_steps={config.accum_steps}: lower --batch-size or --accum-steps"
+                f"{len(self.splits.train)} training images make {batches} full batch(es) of {config.batch_size}"
+                f"{' across ' + str(self.train_loader.num_workers) + ' loader workers' if batches != len(self.train_loader) else ''}, "
+                f"fewer than accum_steps={config.accum_steps}: lower --batch-size, --accum-steps or --workers"
             )
-        self.steps_per_epoch = len(self.train_loader) // config.accum_steps
+        self.steps_per_epoch = batches // config.accum_steps
         if config.steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, config.steps_per_epoch)
 
@@ -317,6 +321,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         model.eval()  # frozen batch-norm statistics too: a true linear probe
         model.get_classifier().train()
     batches = run.steps_per_epoch * config.accum_steps
+    run.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     images = 0
     started = time.perf_counter()
@@ -324,8 +329,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         loader = iter(run.train_loader)
         for index in range(batches):
             batch = next(loader, None)
-            if batch is None:  # shards: each worker drops its own last partial batch, so an epoch may end early
+            if batch is None:  # shards whose bad samples were skipped can end an epoch a batch early
                 batches = index
+                run.optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation is dropped, not carried over
                 break
             inputs, targets = batch
             inputs = run.train_normalize(inputs.to(device, non_blocking=True))
@@ -356,7 +362,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
                 progress.update(task, completed=step, loss=f"{loss_sum.item() / (index + 1):.4f}", lr=f"{lr:.3g}", rate=f"{rate:.0f}")
         del loader
     seconds = time.perf_counter() - started
-    loss = loss_sum.item() / max(batches, 1)
+    if batches == 0:
+        raise ValueError(f"epoch {epoch} had no training batch: every training image was unreadable? See {run.skip_log.path}")
+    loss = loss_sum.item() / batches
     if not math.isfinite(loss):
         raise FloatingPointError(f"the training loss became {loss} in epoch {epoch}: lower the learning rate or use --precision fp32")
     return {"loss": loss, "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
