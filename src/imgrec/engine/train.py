@@ -134,13 +134,13 @@ class Run:
         self.val_loader = create_loader(
             self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=channels_last
         )
-        batches = len(self.train_loader)
+        batches, where = len(self.train_loader), ""
         if hasattr(self.splits.train, "full_batches"):  # shards: each worker drops its own partial batch
             batches = self.splits.train.full_batches(config.batch_size, self.train_loader.num_workers, range(1, config.epochs + 1))
+            where = f" split over {max(1, self.train_loader.num_workers)} loader worker(s)"
         if batches < config.accum_steps:
             raise ValueError(
-                f"{len(self.splits.train)} training images make {batches} full batch(es) of {config.batch_size}"
-                f"{' across ' + str(self.train_loader.num_workers) + ' loader workers' if batches != len(self.train_loader) else ''}, "
+                f"{len(self.splits.train)} training images{where} make {batches} full batch(es) of {config.batch_size}, "
                 f"fewer than accum_steps={config.accum_steps}: lower --batch-size, --accum-steps or --workers"
             )
         self.steps_per_epoch = batches // config.accum_steps
