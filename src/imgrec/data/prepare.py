@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from imgrec.data.folder import CLASS_NAMES_FILE, DatasetError, is_image_file
-from imgrec.utils import atomic_write, write_json
+from imgrec.utils import write_json
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
@@ -238,7 +238,7 @@ def _extract_class(
                 advance(member.offset_data + info.offset_data + info.size)
     except (tarfile.TarError, EOFError) as exc:
         raise DatasetError(f"{where} is damaged ({exc}); download {TRAIN_ARCHIVE} again, then rerun to resume") from None
-    atomic_write(marker, lambda f: f.write(json.dumps({"images": images}).encode()))
+    write_json(marker, {"images": images})
     return images, present
 
 
@@ -303,7 +303,6 @@ def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) ->
     with source, open(tmp, "wb") as f:
         shutil.copyfileobj(source, f, COPY_CHUNK)
     os.replace(tmp, target)
-    return True
 
 
 def _remove_leftovers(folder: Path) -> None:

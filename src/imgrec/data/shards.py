@@ -203,10 +203,10 @@ class ShardDataset(IterableDataset):
         missing = [url for url in self.shards if not _scheme(url) and not Path(url).is_file()]
         if missing:
             raise DatasetError(f"{len(missing)} shard file(s) do not exist, e.g. {missing[0]}: check the path or pattern")
-        self.shard_samples: dict[str, int] = {}  # samples per shard, where shards.json says
-        names, counts = self._read_metadata() if classes is None or length is None else (None, None)
+        names, self.shard_samples = self._read_metadata() if classes is None or length is None else (None, {})
+        counted = all(url in self.shard_samples for url in self.shards)
         self.classes = list(classes) if classes is not None else names
-        self.length = length if length is not None else counts
+        self.length = length if length is not None else sum(map(self.shard_samples.get, self.shards)) if counted else None
         if self.classes is None or self.length is None:
             what = " and ".join(n for n, v in (("classes=[names...]", self.classes), ("length=N", self.length)) if v is None)
             raise DatasetError(
@@ -219,14 +219,13 @@ class ShardDataset(IterableDataset):
         self.max_pixels = max_pixels
         self.skip_log = skip_log if skip_log is not None else SkipLog()
 
-    def _read_metadata(self) -> tuple[list[str] | None, int | None]:
-        """Class names (from classes.json) and the total of the listed shards' samples (shards.json)."""
+    def _read_metadata(self) -> tuple[list[str] | None, dict[str, int]]:
+        """Class names (from classes.json) and the samples per shard (shards.json), where the files say."""
         folders: dict[str, tuple[list[str] | None, dict[str, int]]] = {}
-        total: int | None = 0
+        samples: dict[str, int] = {}
         for url in self.shards:
             location = _shard_location(url)
             if location is None:
-                total = None
                 continue
             prefix, name = location
             if prefix not in folders:
@@ -234,15 +233,11 @@ class ShardDataset(IterableDataset):
                 counts = {s["name"]: int(s["samples"]) for s in meta["shards"]} if meta else {}
                 folders[prefix] = (index["classes"] if index else None, counts)
             if name in folders[prefix][1]:
-                self.shard_samples[url] = folders[prefix][1][name]
-            if total is not None and name in folders[prefix][1]:
-                total += folders[prefix][1][name]
-            else:
-                total = None
+                samples[url] = folders[prefix][1][name]
         class_lists = {tuple(names) for names, _ in folders.values() if names is not None}
         if len(class_lists) > 1:
             raise DatasetError(f"the shards of {self.source!r} come with different classes.json files: pass classes=[...]")
-        return (list(class_lists.pop()) if class_lists else None), total
+        return (list(class_lists.pop()) if class_lists else None), samples
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -95,7 +95,6 @@ class TrainTransform(StepwiseTransform):
 
     @classmethod
     def from_config(cls, config: DataConfig) -> TrainTransform:
-        fill = tuple(round(m * 255) for m in config.mean)
         return cls(
             img_size=config.img_size,
             scale=config.scale,
@@ -104,7 +103,7 @@ class TrainTransform(StepwiseTransform):
             interpolation=config.interpolation,
             auto_augment=config.auto_augment,
             rotation=config.rotation,
-            fill=fill,
+            fill=mean_colour(config),
         )
 
 
@@ -128,6 +127,11 @@ class EvalTransform(StepwiseTransform):
         return cls(img_size=config.img_size, crop_pct=config.crop_pct, interpolation=config.interpolation)
 
 
+def mean_colour(config: DataConfig) -> tuple[int, int, int]:
+    """The dataset mean as an 8-bit colour: what rotation and auto-augment fill uncovered pixels with."""
+    return tuple(round(m * 255) for m in config.mean)
+
+
 def augment_steps(interpolation: str, auto_augment: str | None, rotation: float, fill: tuple[int, int, int]) -> list[tuple[str, Any]]:
     """The augmentations after the crop and flip; each works on PIL images and uint8 tensors alike."""
     mode, steps = INTERPOLATIONS[interpolation], []
@@ -144,7 +148,7 @@ def train_transform(config: DataConfig, loader: str = "fast") -> Callable[..., t
         return TrainTransform.from_config(config)
     from imgrec.data.decode_crop import RandomResizedCropDecode
 
-    steps = augment_steps(config.interpolation, config.auto_augment, config.rotation, tuple(round(m * 255) for m in config.mean))
+    steps = augment_steps(config.interpolation, config.auto_augment, config.rotation, mean_colour(config))
     return RandomResizedCropDecode(
         config.img_size, scale=config.scale, ratio=config.ratio, hflip=config.hflip, interpolation=config.interpolation,
         augment=v2.Compose([step for _, step in steps]) if steps else None,

@@ -360,12 +360,12 @@ def evaluate(
     write it to disk. Unreadable files are left out; more than ``max_bad_fraction`` of them is an error.
     ``loader`` is the eval pipeline: ``fast`` (decode-and-crop) or ``standard`` (torchvision's).
     """
-    import json
     import time
 
     from imgrec.data.loader import create_loader
     from imgrec.engine.hardware import DTYPES
     from imgrec.predict import load
+    from imgrec.utils import write_json
 
     classifier = load(run, device=device, precision=precision, loader=loader)
     skip_log = SkipLog()
@@ -394,7 +394,7 @@ def evaluate(
     )
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_json(json_path, metrics)
     if confusion_png is not None:
         write_confusion_png(metrics["confusion"], classifier.classes, confusion_png)
     return metrics
