@@ -66,16 +66,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model_dir(run: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
-    """Write ``run/model.safetensors`` (plain state dict) and ``run/model.json``, each atomically."""
+def save_model_dir(
+    run: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any], *, weights_name: str = WEIGHTS_NAME, info_name: str = INFO_NAME
+) -> Path:
+    """Write ``run/model.safetensors`` (plain state dict) and ``run/model.json``, each atomically
+    (a pretraining run names them backbone.safetensors and backbone.json)."""
     from safetensors.torch import save
 
     run = Path(run)
     # Own, contiguous CPU copies: safetensors refuses tensors that share memory.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
     blob = save(tensors, metadata={"architecture": str(info.get("architecture", "")), "format": "pt"})
-    atomic_write(run / WEIGHTS_NAME, lambda f: f.write(blob))
-    write_json(run / INFO_NAME, info)
+    atomic_write(run / weights_name, lambda f: f.write(blob))
+    write_json(run / info_name, info)
     return run
 
 

@@ -52,16 +52,28 @@ class DataConfig:
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
 
 
-@dataclass
-class TrainConfig:
-    """One training run: data, model, recipe and hardware. Saved resolved as ``RUN/config.yaml``.
+PREPROCESSING = ("img_size", "crop_pct", "interpolation", "mean", "std")
 
+
+def preprocessing(config: DataConfig) -> dict[str, Any]:
+    """The fields of ``config`` that turn an image into the model's input at inference (JSON-ready):
+    what model.json and backbone.json store and what evaluate, predict, probe and fine-tuning read."""
+    return {name: list(value) if isinstance(value, tuple) else value for name in PREPROCESSING for value in [getattr(config, name)]}
+
+
+@dataclass
+class LoopConfig:
+    """What every training loop takes: data, model, optimisation, hardware, run directory.
+
+    ``TrainConfig`` (supervised) and ``PretrainConfig`` (self-supervised) add their own fields.
     ``None`` means "decide for me": ``lr`` from ``base_lr`` scaled linearly by the global batch
     (``batch_size * accum_steps`` images per optimizer step, over 256), ``base_lr`` and
-    ``weight_decay`` from the optimizer's usual values, ``precision`` and ``channels_last`` from
-    the hardware, ``workers`` from the cores. ``data_config`` holds DataConfig fields; those not
-    given come from the model's pretrained config (size, crop_pct, interpolation, mean, std).
+    ``weight_decay`` from the optimizer's (or method's) usual values, ``precision`` and
+    ``channels_last`` from the hardware, ``workers`` from the cores. ``data_config`` holds
+    DataConfig fields; those not given come from the model's pretrained config.
     """
+
+    OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("adamw", "sgd")
 
     data: str = ""  # root with train/ and val/ (folders or shards), or a shard source (then val_data too)
     val_data: str | None = None  # validation shards when ``data`` is a shard pattern, pipe: command or URL
@@ -70,21 +82,13 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     accum_steps: int = 1
-    opt: str = "adamw"  # adamw | sgd (Nesterov momentum)
+    opt: str | None = "adamw"  # adamw | sgd (Nesterov momentum) | lars (pretraining)
     lr: float | None = None
     base_lr: float | None = None  # per 256 images: adamw 1e-3, sgd 0.1
     weight_decay: float | None = None  # adamw 0.05, sgd 1e-4; never on norms and biases
     momentum: float = 0.9
     warmup_epochs: float = 1.0
     min_lr: float = 0.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
-    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
-    clip_grad: float | None = None  # max global gradient norm
-    ema_decay: float | None = None  # e.g. 0.9998; None = no EMA
-    pretrained: str | None = None
-    freeze_backbone: bool = False
-    drop_path: float | None = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool | None = None
     compile: bool = False
@@ -98,10 +102,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_numbers(self)
-        choices = {"opt": ("adamw", "sgd"), "precision": ("auto", "fp32", "bf16", "fp16"), "loader": ("fast", "standard")}
+        choices = {"opt": (None, *self.OPTIMIZERS), "precision": ("auto", "fp32", "bf16", "fp16"), "loader": ("fast", "standard")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -112,6 +116,80 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown data_config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
         self.data_config = dict(self.data_config)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """One supervised training run: data, model, recipe and hardware. Saved resolved as ``RUN/config.yaml``."""
+
+    opt: str = "adamw"
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
+    clip_grad: float | None = None  # max global gradient norm
+    ema_decay: float | None = None  # e.g. 0.9998; None = no EMA
+    pretrained: str | None = None  # weights file, or a run directory (its backbone.safetensors / model.safetensors)
+    freeze_backbone: bool = False
+    layer_decay: float | None = None  # e.g. 0.75: each block towards the input learns at this factor of the next one's rate
+    train_fraction: float = 1.0  # train on this class-balanced fraction of the training images, chosen by the seed
+    drop_path: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.opt is None:
+            raise ValueError("opt must be one of adamw, sgd")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    """One self-supervised pretraining run (``imgrec pretrain``). Saved resolved as ``RUN/config.yaml``.
+
+    ``opt``, ``base_lr``, ``weight_decay``, ``warmup_epochs`` and the head sizes default to the
+    method's paper (``imgrec.ssl``); ``data_config.scale`` is the views' crop range.
+    """
+
+    OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("lars", "adamw", "sgd")
+
+    method: str = "simclr"  # simclr | byol
+    out: str = "runs/pretrain"
+    epochs: int = 100
+    batch_size: int = 256
+    opt: str | None = None  # the method's: LARS
+    warmup_epochs: float = 10.0
+    temperature: float | None = None  # contrastive softmax temperature (SimCLR 0.1)
+    proj_hidden_dim: int | None = None  # projector (and predictor) hidden width (SimCLR 2048, BYOL 4096)
+    proj_dim: int | None = None  # projection size (SimCLR 128, BYOL 256)
+    jitter_strength: float = 1.0  # scales the method's colour jitter (brightness, contrast, saturation, hue; hue at most 0.5)
+    blur: bool = True  # the method's Gaussian blur in the views (SimCLR's paper drops it for 32-px CIFAR images)
+    lars_trust: float = 1e-3  # LARS trust coefficient: each step moves a tensor by about lr x trust of its norm
+    teacher_momentum: float | None = None  # BYOL: EMA rate of the target network at the start (to 1 by a cosine)
+    knn_k: int = 20  # the monitor's neighbours
+    knn_temperature: float = 0.07  # the monitor's vote weights exp(cosine / T)
+    knn_every: int = 1  # epochs between kNN monitor runs (0 = off); the last epoch always runs it when on
+    knn_bank_size: int | None = 20_000  # at most this many labelled train images in the monitor's memory bank
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from imgrec.ssl import METHODS  # the methods register themselves; no torch needed to list names
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        positive = {"knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "lars_trust": self.lars_trust, "temperature": self.temperature, "jitter_strength": self.jitter_strength,
+                    "knn_bank_size": self.knn_bank_size, "proj_dim": self.proj_dim, "proj_hidden_dim": self.proj_hidden_dim}  # fmt: skip
+        for name, value in positive.items():
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.knn_every < 0:
+            raise ValueError(f"knn_every must be 0 (no monitor) or a number of epochs, got {self.knn_every}")
+        if self.teacher_momentum is not None and not 0 <= self.teacher_momentum <= 1:
+            raise ValueError(f"teacher_momentum must be in [0, 1], got {self.teacher_momentum}")
+        unused = [k for k in ("auto_augment", "rotation", "random_erasing") if self.data_config.get(k)]
+        if unused:
+            raise ValueError(f"pretraining views have their method's own augmentation; {', '.join(unused)} do not apply to them")
 
 
 def _check_numbers(config: Any) -> None:
@@ -180,4 +258,4 @@ def apply_overrides(config: T, overrides: list[str]) -> T:
     return from_dict(type(config), merged, source="overrides")
 
 
-__all__ = ["DataConfig", "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "apply_overrides", "from_dict", "load_yaml", "save_yaml", "to_dict"]
+__all__ = ["PREPROCESSING", "DataConfig", "LoopConfig", "preprocessing", "PretrainConfig", "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "apply_overrides", "from_dict", "load_yaml", "save_yaml", "to_dict"]

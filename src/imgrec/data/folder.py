@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -293,6 +294,25 @@ def _shard_splits(train_source, val_source, train_transform, eval_transform, see
             f"write the val shards with --classes <train shards>/classes.json"
         )
     return DatasetSplits(train=train, val=val)
+
+
+def class_balanced_subset(targets: list[int], fraction: float, seed: int = 0) -> list[int]:
+    """Indices of ``fraction`` of the samples of every class (at least one each), chosen by ``seed``.
+
+    Each class keeps ``max(1, round(fraction * n))`` of its ``n`` samples, drawn by a generator
+    seeded with ``seed``: the same seed picks the same images on every machine. Sorted.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        by_class.setdefault(int(label), []).append(index)
+    keep: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        keep.extend(rng.sample(members, max(1, round(fraction * len(members)))))
+    return sorted(keep)
 
 
 def read_class_names(root: str | os.PathLike) -> dict[str, str] | None:

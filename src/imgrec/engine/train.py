@@ -12,42 +12,43 @@ straight through or was resumed from the checkpoint of epoch ``e - 1``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import os
-import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from imgrec.checkpoint import (
     CHECKPOINT_NAME,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     save_model_dir,
     set_rng_state,
 )
-from imgrec.config import TrainConfig, from_dict, save_yaml, to_dict
-from imgrec.data.folder import SkipLog, load_splits, read_class_names, write_class_index
+from imgrec.config import PREPROCESSING, TrainConfig, preprocessing, save_yaml, to_dict
+from imgrec.data.folder import SkipLog, class_balanced_subset, load_splits, read_class_names, write_class_index
 from imgrec.data.loader import create_loader
 from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config, train_transform
 from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
+from imgrec.engine.loop import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    apply_schedule,
+    drop_rows_after,
+    open_tensorboard,
+    prepare_output_dir,
+    run_epoch,
+    seed_everything,
+    start_or_resume,
+    steps_per_epoch,
+)
 from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
-from imgrec.models.factory import create_model
-from imgrec.utils import atomic_write
-
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.yaml"
+from imgrec.models.factory import create_model, resolve_weights
 
 
 def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, console: Console | None = None, **overrides: Any) -> Path:
@@ -57,22 +58,11 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     ``train(resume="runs/r18")`` continues a run from its ``last.pt``.
     """
     console = console or Console(soft_wrap=True)
-    checkpoint = None
-    if resume is not None:
-        if config is not None:
-            raise ValueError("pass either a config or resume=RUN (which continues with the run's own config), not both")
-        checkpoint = load_checkpoint(Path(resume) / CHECKPOINT_NAME)
-        # The weights come from the checkpoint: the pretrained file is not needed (nor read) again.
-        values = {**checkpoint["config"], **overrides, "out": str(resume), "pretrained": None}
-        config = from_dict(TrainConfig, values, source=f"{resume}/{CHECKPOINT_NAME}")
-    elif config is None:
-        config = TrainConfig(**overrides)
-    elif overrides:
-        config = dataclasses.replace(config, **overrides)
-    if not config.data:
-        raise ValueError("no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/")
-    if checkpoint is None and any((Path(config.out) / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME)):
-        raise ValueError(f"{config.out} already holds a training run: continue it with --resume {config.out}, or pick another --out")
+    # The weights come from the checkpoint on resume: the pretrained file is not needed (nor read) again.
+    config, checkpoint = start_or_resume(
+        TrainConfig, config, resume, overrides, fixed={"pretrained": None},
+        no_data="no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/",
+    )  # fmt: skip
     run = Run(config, console, resume_classes=checkpoint["classes"] if checkpoint is not None else None)
     if checkpoint is not None:
         run.restore(checkpoint)
@@ -102,12 +92,17 @@ class Run:
                 f"({len(resume_classes)}): resume with the dataset the run was started on"
             )
         self.splits.val.replace_bad = False  # validation counts each readable image once
+        if config.train_fraction < 1:
+            take_fraction(self.splits.train, config.train_fraction, config.seed)
         write_class_index(self.out / "classes.json", self.classes)
 
         model_kwargs = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
+        weights_info = pretrained_info(config.pretrained, config.model)
         self.model = create_model(config.model, num_classes=len(self.classes), pretrained=config.pretrained, **model_kwargs)
-        # Size, crop_pct, interpolation, mean and std come from the architecture unless given.
-        self.data_config = dc = resolve_data_config(self.model, **config.data_config)
+        # Size, crop_pct, interpolation, mean and std: as given, else as the pretrained weights were
+        # trained (their backbone.json / model.json), else the architecture's.
+        base = {k: weights_info[k] for k in PREPROCESSING if k in weights_info}
+        self.data_config = dc = resolve_data_config(self.model, **{**base, **config.data_config})
         self.splits.train.transform = train_transform(dc, config.loader)
         self.splits.val.transform = eval_transform(dc, config.loader)
         if config.freeze_backbone:
@@ -134,22 +129,11 @@ class Run:
         self.val_loader = create_loader(
             self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=channels_last
         )
-        batches, where = len(self.train_loader), ""
-        if hasattr(self.splits.train, "full_batches"):  # shards: each worker drops its own partial batch
-            batches = self.splits.train.full_batches(config.batch_size, self.train_loader.num_workers, range(1, config.epochs + 1))
-            where = f" split over {max(1, self.train_loader.num_workers)} loader worker(s)"
-        if batches < config.accum_steps:
-            raise ValueError(
-                f"{len(self.splits.train)} training images{where} make {batches} full batch(es) of {config.batch_size}, "
-                f"fewer than accum_steps={config.accum_steps}: lower --batch-size, --accum-steps or --workers"
-            )
-        self.steps_per_epoch = batches // config.accum_steps
-        if config.steps_per_epoch is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, config.steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch(self.splits.train, self.train_loader, config)
 
         global_batch = config.batch_size * config.accum_steps
         self.lr = lr = config.lr if config.lr is not None else scaled_lr(config.opt, global_batch, config.base_lr)
-        self.optimizer = create_optimizer(self.model, config.opt, lr, config.weight_decay, config.momentum)
+        self.optimizer = create_optimizer(self.model, config.opt, lr, config.weight_decay, config.momentum, config.layer_decay)
         total = config.epochs * self.steps_per_epoch
         self.scheduler = cosine_schedule(self.optimizer, total, round(config.warmup_epochs * self.steps_per_epoch), config.min_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -190,19 +174,11 @@ class Run:
         self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
-        # The schedule of this run (its epochs may have been raised) applies from the first resumed step.
-        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * factor(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        apply_schedule(self.optimizer, self.scheduler)
         self.epoch = checkpoint["epoch"]
         self.best = checkpoint["best"]
         set_rng_state(checkpoint["rng"])
-        # Rows logged after this checkpoint (a crash while it was being replaced) are redone.
-        metrics = self.out / METRICS_NAME
-        if metrics.exists():
-            rows = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-            kept = "".join(line + "\n" for line in rows if json.loads(line)["epoch"] <= self.epoch)
-            atomic_write(metrics, lambda f: f.write(kept.encode("utf-8")))
+        drop_rows_after(self.out / METRICS_NAME, self.epoch)
         self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}", highlight=False)
 
     def fit(self) -> Path:
@@ -283,11 +259,7 @@ class Run:
             "num_classes": len(self.classes),
             "classes": self.classes,
             "input_size": [3, dc.img_size, dc.img_size],
-            "img_size": dc.img_size,
-            "crop_pct": dc.crop_pct,
-            "interpolation": dc.interpolation,
-            "mean": list(dc.mean),
-            "std": list(dc.std),
+            **preprocessing(dc),
             "top1": self.best["top1"],
             "top5": self.best["top5"],
             "epoch": self.best["epoch"],
@@ -320,54 +292,20 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     if config.freeze_backbone:
         model.eval()  # frozen batch-norm statistics too: a true linear probe
         model.get_classifier().train()
-    batches = run.steps_per_epoch * config.accum_steps
-    run.optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
-    images = 0
-    started = time.perf_counter()
-    with epoch_progress(run.console, f"epoch {epoch}/{config.epochs}", run.steps_per_epoch) as (progress, task):
-        loader = iter(run.train_loader)
-        for index in range(batches):
-            batch = next(loader, None)
-            if batch is None:  # shards whose bad samples were skipped can end an epoch a batch early
-                batches = index
-                run.optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation is dropped, not carried over
-                break
-            inputs, targets = batch
-            inputs = run.train_normalize(inputs.to(device, non_blocking=True))
-            targets = targets.to(device, non_blocking=True)
-            if run.mixup is not None:
-                inputs, targets = run.mixup(inputs, targets)
-            with autocast(device, run.precision):
-                logits = run.forward(inputs)
-            loss = soft_cross_entropy(logits.float(), targets) if run.mixup is not None else run.criterion(logits.float(), targets)
-            run.scaler.scale(loss / config.accum_steps).backward()
-            loss_sum += loss.detach()
-            images += inputs.shape[0]
-            if (index + 1) % config.accum_steps:
-                continue
-            if config.clip_grad is not None:
-                run.scaler.unscale_(run.optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
-            step = (index + 1) // config.accum_steps
-            if run.ema is not None:
-                run.ema.update(model, step=(epoch - 1) * run.steps_per_epoch + step)
-            if step % 10 == 0 or step == run.steps_per_epoch:  # reading the loss waits for the device
-                rate = images / (time.perf_counter() - started)
-                lr = run.optimizer.param_groups[0]["lr"]
-                progress.update(task, completed=step, loss=f"{loss_sum.item() / (index + 1):.4f}", lr=f"{lr:.3g}", rate=f"{rate:.0f}")
-        del loader
-    seconds = time.perf_counter() - started
-    if batches == 0:
-        raise ValueError(f"epoch {epoch} had no training batch: every training image was unreadable? See {run.skip_log.path}")
-    loss = loss_sum.item() / batches
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"the training loss became {loss} in epoch {epoch}: lower the learning rate or use --precision fp32")
-    return {"loss": loss, "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
+
+    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        inputs, targets = batch
+        inputs = run.train_normalize(inputs.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        if run.mixup is not None:
+            inputs, targets = run.mixup(inputs, targets)
+        with autocast(device, run.precision):
+            logits = run.forward(inputs)
+        loss = soft_cross_entropy(logits.float(), targets) if run.mixup is not None else run.criterion(logits.float(), targets)
+        return loss, inputs.shape[0]
+
+    after_step = (lambda step: run.ema.update(model, step=step)) if run.ema is not None else None
+    return run_epoch(run, epoch, batch_loss, after_step)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -375,20 +313,22 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-@contextlib.contextmanager
-def epoch_progress(console: Console, description: str, total: int) -> Iterator[tuple[Progress, Any]]:
-    """A per-epoch bar with loss, lr, images/s and ETA, on a terminal; yields (progress, task)."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[rate]} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        yield progress, progress.add_task(description, total=total, loss="-", lr="-", rate="-")
+def pretrained_info(pretrained: str | None, model: str) -> dict[str, Any]:
+    """The JSON info stored with ``--pretrained`` weights (a run directory's), checked against ``--model``."""
+    if pretrained is None:
+        return {}
+    info = resolve_weights(pretrained)[1]
+    if info.get("architecture") not in (None, model):
+        raise ValueError(f"{pretrained} holds {info['architecture']} weights, not {model}: pass --model {info['architecture']}")
+    return info
+
+
+def take_fraction(dataset: Any, fraction: float, seed: int) -> None:
+    """Keep a class-balanced ``fraction`` of a folder dataset's samples, chosen by ``seed`` (in place)."""
+    if not hasattr(dataset, "samples"):
+        raise ValueError("--train-fraction needs a folder dataset (shards are read as a stream): pass an ImageFolder root")
+    keep = class_balanced_subset(dataset.targets, fraction, seed)
+    dataset.samples = [dataset.samples[i] for i in keep]
 
 
 def freeze_backbone(model: torch.nn.Module) -> None:
@@ -400,33 +340,4 @@ def freeze_backbone(model: torch.nn.Module) -> None:
         param.requires_grad_(id(param) in head)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare_output_dir(out: str | os.PathLike) -> Path:
-    """Create ``out`` and prove it writable now, not after the first epoch."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"imgrec" * 1024)
-        probe.unlink()
-        for stale in out.glob(".*.tmp-*"):  # a checkpoint write cut short by a kill: never read, only space
-            stale.unlink()
-    except OSError as exc:
-        raise ValueError(f"cannot write to the output folder {out}: {exc.strerror or exc}. Pick another --out or fix its permissions.") from None
-    return out
-
-
-def open_tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: pip install tensorboard
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-__all__ = ["Run", "freeze_backbone", "prepare_output_dir", "soft_cross_entropy", "train", "train_one_epoch"]
+__all__ = ["Run", "freeze_backbone", "pretrained_info", "soft_cross_entropy", "take_fraction", "train", "train_one_epoch"]

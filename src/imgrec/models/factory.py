@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | No
     """A timm model ``name`` with a ``num_classes``-way head, optionally loaded from a local file.
 
     ``pretrained`` is a .safetensors file, or a .pth/.pt file holding a state dict or a
-    checkpoint dict with one (under ``state_dict``, ``model``, ``state_dict_ema``...). Other
+    checkpoint dict with one (under ``state_dict``, ``model``, ``state_dict_ema``...), or a run
+    directory of ``imgrec pretrain`` (its backbone) or ``imgrec train`` (its model). Other
     keyword arguments go to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
     """
     known = timm.list_models()
@@ -43,7 +45,7 @@ def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | No
         raise ValueError(f"unknown model {name!r}.{hint}")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained is not None:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, resolve_weights(pretrained)[0])
     return model
 
 
@@ -72,8 +74,10 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
     state = _match_layout(read_state_dict(path), model)
     expected = model.state_dict()
     head = classifier_keys(model)
-    reset = [k for k in head if k in state and state[k].shape != expected[k].shape]
-    for key in reset:  # a different class count: keep the model's freshly initialised head
+    # A different class count, or a backbone without classifier (``imgrec pretrain``): the model
+    # keeps its freshly initialised head. A model without head drops the file's.
+    reset = [k for k in head if k not in state or state[k].shape != expected[k].shape]
+    for key in [k for k in state if k in reset or (k not in expected and _is_head_key(model, k))]:
         del state[key]
     wrong_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     missing = [k for k in expected if k not in state and k not in reset]
@@ -85,9 +89,35 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def classifier_keys(model: torch.nn.Module) -> list[str]:
     """The state-dict keys of the model's classifier head(s), from its timm config."""
+    return [k for k in model.state_dict() if _is_head_key(model, k)]
+
+
+def _is_head_key(model: torch.nn.Module, key: str) -> bool:
     names = model.pretrained_cfg.get("classifier") or ()
     prefixes = (names,) if isinstance(names, str) else tuple(names)
-    return [k for k in model.state_dict() if any(k == p or k.startswith(p + ".") for p in prefixes)]
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+# What a run directory holds, in the order ``resolve_weights`` looks: pretraining, then training.
+RUN_WEIGHTS = (("backbone.safetensors", "backbone.json"), ("model.safetensors", "model.json"))
+
+
+def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(weights file, its JSON info) for a weights file or a run directory.
+
+    A directory of ``imgrec pretrain`` gives its backbone.safetensors, one of ``imgrec train``
+    its model.safetensors; the info (architecture, preprocessing) is empty for a bare file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for weights, info in RUN_WEIGHTS:
+            if (path / weights).is_file():
+                info_path = path / info
+                return path / weights, json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        raise WeightsError(f"{path} holds no backbone.safetensors (imgrec pretrain) or model.safetensors (imgrec train): pass a run directory or a weights file")
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist (pretrained weights must be a local file or run directory)")
+    return path, {}
 
 
 def _match_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -151,4 +181,4 @@ def count_params(name: str) -> int:
         return -1
 
 
-__all__ = ["ModelInfo", "WeightsError", "classifier_keys", "create_model", "count_params", "list_architectures", "load_pretrained", "read_state_dict"]
+__all__ = ["ModelInfo", "WeightsError", "classifier_keys", "create_model", "count_params", "list_architectures", "load_pretrained", "read_state_dict", "resolve_weights"]
