@@ -83,3 +83,24 @@ def test_imagenet_archives_to_a_model_that_names_its_classes(tmp_path: Path, cap
     assert cli_main(["predict", str(run), str(image), "--format", "json", "--topk", "2"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in row["top"]] == [words[t["class"]] for t in row["top"]]
+
+
+PRETRAIN_FLAGS = ["--model", "test_resnet", "--method", "simclr", "--epochs", "1", "--batch-size", "4", "--img-size", "32",
+                  "--device", "cpu", "--precision", "fp32", "--proj-hidden-dim", "32", "--warmup-epochs", "0", "--no-tensorboard"]  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_pretrain_on_a_root_of_shard_folders(shards: Path, tmp_path: Path, workers: str) -> None:
+    run = tmp_path / "run"
+    assert cli_main(["pretrain", "--data", str(shards), "--out", str(run), "--workers", workers, *PRETRAIN_FLAGS]) == 0
+    rows = metrics(run)
+    assert len(rows) == 1 and rows[0]["loss"] > 0
+    assert 0 <= rows[0]["knn_top1"] <= 100  # the val shards are labelled: the monitor ran
+    assert (run / "backbone.safetensors").is_file()
+
+
+def test_pretrain_on_a_shard_source_alone(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"  # a folder of shards (not a root with train/ and val/): no labelled val, no monitor
+    assert cli_main(["pretrain", "--data", str(shards / "train"), "--out", str(run), "--workers", "0", *PRETRAIN_FLAGS]) == 0
+    rows = metrics(run)
+    assert len(rows) == 1 and "knn_top1" not in rows[0]

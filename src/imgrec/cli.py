@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-side", type=int, default=96, help="smallest image side in pixels")
     p.add_argument("--max-side", type=int, default=320, help="largest image side in pixels")
     p.add_argument("--clutter", type=float, default=1.0, help="0-1: amount of background noise, stripes, blobs and lines")
+    p.add_argument("--background", type=float, default=1.0, help="0-1: contrast of the background's colour field (0: one flat colour)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(handler=run_synth)
 
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(p)
     p.set_defaults(handler=run_train)
 
+    from imgrec.cli_ssl import add_pretrain_parser, add_probe_parser
+
+    add_pretrain_parser(commands)
+    add_probe_parser(commands)
+
     p = commands.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion matrix of a trained model")
     p.add_argument("run", help="model directory (the --out of imgrec train)")
     p.add_argument("--data", required=True, help="ImageFolder of labelled images (or a dataset root: its val/), or a flat folder with --labels")
@@ -126,37 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
 TRAIN_FIELDS = (
     "data", "val_data", "model", "out", "epochs", "batch_size", "accum_steps", "opt", "lr", "base_lr", "weight_decay", "momentum",
     "warmup_epochs", "min_lr", "label_smoothing", "mixup", "cutmix", "clip_grad", "ema_decay", "pretrained",
-    "freeze_backbone", "drop_path", "precision", "channels_last", "compile", "device", "seed", "workers", "steps_per_epoch",
+    "freeze_backbone", "layer_decay", "train_fraction", "drop_path", "precision", "channels_last", "compile", "device", "seed", "workers", "steps_per_epoch",
     "tensorboard", "loader",
 )  # fmt: skip
 DATA_FIELDS = ("img_size", "crop_pct", "interpolation", "mean", "std", "scale", "ratio", "hflip", "auto_augment", "rotation", "random_erasing", "max_pixels")
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
+def add_loop_flags(p: argparse.ArgumentParser, config: str = "TrainConfig") -> None:
+    """The flags every training loop takes (train and pretrain): data, model, optimisation, hardware."""
     p.add_argument("--data", help="dataset root holding train/<class>/ and val/<class>/ (or train/ and val/ folders of shards), or a shard pattern/URL")
     p.add_argument("--val-data", help="validation shards, when --data is a shard pattern, pipe: command or URL")
     p.add_argument("--model", help="timm architecture, e.g. resnet50 (`imgrec models` lists them)")
-    p.add_argument("--out", help="run directory (default runs/train)")
-    p.add_argument("--config", help="YAML file of TrainConfig fields; flags given here win")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--config", help=f"YAML file of {config} fields; flags given here win")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (other flags are ignored, except --epochs, --device, --workers)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per step (default 128)")
+    p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--accum-steps", type=int, help="batches per optimizer step (gradient accumulation)")
-    p.add_argument("--opt", choices=["adamw", "sgd"], help="AdamW (default) or SGD with Nesterov momentum")
     p.add_argument("--lr", type=float, help="learning rate (default: --base-lr x batch x accum / 256)")
-    p.add_argument("--base-lr", type=float, help="learning rate per 256 images (adamw 1e-3, sgd 0.1)")
-    p.add_argument("--weight-decay", type=float, help="adamw 0.05, sgd 1e-4; never on biases and norms")
+    p.add_argument("--base-lr", type=float, help="learning rate per 256 images")
+    p.add_argument("--weight-decay", type=float, help="never on biases and norms")
     p.add_argument("--momentum", type=float)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--min-lr", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
-    p.add_argument("--clip-grad", type=float, help="max gradient norm")
-    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay, e.g. 0.9998")
-    p.add_argument("--pretrained", metavar="FILE", help="local weights (.safetensors/.pth) to start from")
-    p.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None, help="train only the classifier")
-    p.add_argument("--drop-path", type=float)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where the hardware has it")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
@@ -169,11 +167,26 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """The TrainConfig of ``--config`` YAML (if any) with every flag given on the command line on top."""
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    add_loop_flags(p)
+    p.add_argument("--opt", choices=["adamw", "sgd"], help="AdamW (default) or SGD with Nesterov momentum; base lr adamw 1e-3, sgd 0.1")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
+    p.add_argument("--clip-grad", type=float, help="max gradient norm")
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay, e.g. 0.9998")
+    p.add_argument("--pretrained", metavar="FILE_OR_RUN", help="start from local weights (.safetensors/.pth) or a run directory (imgrec pretrain: its backbone)")
+    p.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None, help="train only the classifier")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay for fine-tuning, e.g. 0.75: each block gets this factor of the next one's rate")
+    p.add_argument("--train-fraction", type=float, help="train on this class-balanced fraction of the train images (0-1], chosen by --seed")
+    p.add_argument("--drop-path", type=float)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, fields: tuple[str, ...]):
+    """The ``cls`` config of ``--config`` YAML (if any) with every flag given on the command line on top."""
     import yaml
 
-    from imgrec.config import TrainConfig, from_dict
+    from imgrec.config import from_dict
 
     values: dict = {}
     if args.config:
@@ -183,45 +196,59 @@ def train_config_from_args(args: argparse.Namespace):
             except yaml.YAMLError as exc:
                 raise ValueError(f"{args.config} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{args.config} must hold a mapping of TrainConfig fields, e.g. 'epochs: 10'")
-    values.update({name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None})
+            raise ValueError(f"{args.config} must hold a mapping of {cls.__name__} fields, e.g. 'epochs: 10'")
+    values.update({name: getattr(args, name) for name in fields if getattr(args, name) is not None})
     data_config = dict(values.get("data_config") or {})
     data_config.update({name: getattr(args, name) for name in DATA_FIELDS if getattr(args, name) is not None})
     values["data_config"] = data_config
-    return from_dict(TrainConfig, values, source=args.config or "flags")
+    return from_dict(cls, values, source=args.config or "flags")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from imgrec.config import TrainConfig
+
+    return config_from_args(args, TrainConfig, TRAIN_FIELDS)
+
+
+def resume_overrides(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
+    """The flags a resumed run takes (machine-dependent ones); a note about the others, which it ignores."""
+    allowed = ("epochs", "device", "workers")
+    ignored = [name for name in fields + DATA_FIELDS if name not in allowed and getattr(args, name) not in (None, False)]
+    if ignored or args.config:
+        names = ", ".join("--" + n.replace("_", "-") for n in ignored + (["config"] if args.config else []))
+        console.print(f"note: --resume continues the run's own config; ignoring {names}", style="yellow", highlight=False)
+    return {name: getattr(args, name) for name in allowed if getattr(args, name) is not None}
 
 
 def run_train(args: argparse.Namespace) -> int:
     from imgrec.engine.train import train
 
-    if args.resume:
-        # Machine-dependent settings may change on resume; the recipe stays the run's own.
-        allowed = ("epochs", "device", "workers")
-        overrides = {name: getattr(args, name) for name in allowed if getattr(args, name) is not None}
-        ignored = [name for name in TRAIN_FIELDS + DATA_FIELDS if name not in allowed and getattr(args, name) not in (None, False)]
-        if ignored or args.config:
-            names = ", ".join("--" + n.replace("_", "-") for n in ignored + (["config"] if args.config else []))
-            console.print(f"note: --resume continues the run's own config; ignoring {names}", style="yellow", highlight=False)
-        train(resume=args.resume, console=console, **overrides)
+    if args.resume:  # machine-dependent settings may change on resume; the recipe stays the run's own
+        train(resume=args.resume, console=console, **resume_overrides(args, TRAIN_FIELDS))
         return 0
     train(train_config_from_args(args), console=console)
     return 0
 
 
-def add_data_flags(p: argparse.ArgumentParser) -> None:
-    """Preprocessing and augmentation flags; each left unset keeps the model's or the default value."""
+def add_preprocessing_flags(p: argparse.ArgumentParser) -> None:
+    """How an image becomes the model's input at inference; each left unset keeps the weights' or model's value."""
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None)
     p.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], default=None)
     p.add_argument("--mean", type=float, nargs=3, default=None)
     p.add_argument("--std", type=float, nargs=3, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """Preprocessing and augmentation flags; each left unset keeps the model's or the default value."""
+    add_preprocessing_flags(p)
     p.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
     p.add_argument("--ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="RandomResizedCrop aspect range")
     p.add_argument("--hflip", type=float, default=None, help="horizontal flip probability")
     p.add_argument("--auto-augment", default=None, help="'trivial' or 'rand-m9-n2'")
     p.add_argument("--rotation", type=float, default=None, help="max rotation in degrees")
     p.add_argument("--random-erasing", type=float, default=None, help="probability")
-    p.add_argument("--max-pixels", type=int, default=None)
 
 
 def data_config_from_args(args: argparse.Namespace):
@@ -240,7 +267,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
     spec = SynthSpec(
         classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed,
-        min_side=args.min_side, max_side=args.max_side, clutter=args.clutter,
+        min_side=args.min_side, max_side=args.max_side, clutter=args.clutter, background=args.background,
     )  # fmt: skip
     start = time.perf_counter()
     out = write_synth_dataset(args.out, spec, workers=args.workers)

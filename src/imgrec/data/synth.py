@@ -39,6 +39,7 @@ class SynthSpec:
     min_side: int = 96
     max_side: int = 320
     clutter: float = 1.0  # scales background noise, stripes, blobs and occluding lines; 0 = a plain colour field
+    background: float = 1.0  # contrast of the coarse colour field behind everything; 0 = one flat colour per image
 
     def __post_init__(self) -> None:
         if not 2 <= self.classes <= len(SHAPES):
@@ -47,8 +48,9 @@ class SynthSpec:
             raise ValueError("train_per_class and val_per_class must be at least 1")
         if not 16 <= self.min_side <= self.max_side:
             raise ValueError(f"need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
-        if not 0 <= self.clutter <= 1:
-            raise ValueError(f"clutter must be between 0 and 1, got {self.clutter}")
+        for name in ("clutter", "background"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
 
 def write_synth_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), workers: int | None = None) -> Path:
@@ -75,19 +77,24 @@ def write_synth_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), w
 def _write_one(job: tuple[SynthSpec, int, int, int, str]) -> None:
     spec, split_id, class_id, index, path = job
     rng = np.random.default_rng([spec.seed, split_id, class_id, index])
-    render_sample(rng, SHAPES[class_id], spec.min_side, spec.max_side, spec.clutter).save(path, "JPEG", quality=JPEG_QUALITY)
+    render_sample(rng, SHAPES[class_id], spec.min_side, spec.max_side, spec.clutter, spec.background).save(path, "JPEG", quality=JPEG_QUALITY)
 
 
-def render_sample(rng: np.random.Generator, shape: str, min_side: int = 96, max_side: int = 320, clutter: float = 1.0) -> Image.Image:
+def render_sample(
+    rng: np.random.Generator, shape: str, min_side: int = 96, max_side: int = 320, clutter: float = 1.0, background: float = 1.0
+) -> Image.Image:
     """One RGB image of ``shape`` on a cluttered background, all randomness drawn from ``rng``.
 
     ``clutter`` (0 to 1) scales the distractors: noise and stripe amplitude, and the number of
-    blobs and lines. At 1 the image is the same, byte for byte, as before the knob existed.
+    blobs and lines. ``background`` (0 to 1) scales the contrast of the coarse colour field
+    behind them: at 0 each image has one flat background colour, so that what two crops of an
+    image share is mostly the object (the self-supervised benchmark's variant). At 1 both knobs
+    give the same image, byte for byte, as before they existed.
     """
     width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
     if max(width, height) > 2.5 * min(width, height):  # keep aspect ratios photo-like
         height = int(np.clip(height, width / 2.5, width * 2.5))
-    canvas = _background(rng, width, height, clutter)
+    canvas = _background(rng, width, height, clutter, background)
     draw = ImageDraw.Draw(canvas)
     for _ in range(round(int(rng.integers(2, 5)) * clutter)):
         _draw_blob(rng, draw, width, height)
@@ -111,9 +118,12 @@ def render_sample(rng: np.random.Generator, shape: str, min_side: int = 96, max_
     return canvas
 
 
-def _background(rng: np.random.Generator, width: int, height: int, clutter: float = 1.0) -> Image.Image:
+def _background(rng: np.random.Generator, width: int, height: int, clutter: float = 1.0, background: float = 1.0) -> Image.Image:
     coarse = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
     field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    if background != 1.0:
+        mean = field.reshape(-1, 3).mean(0)
+        field = mean + background * (field - mean)
     noise = rng.normal(0, rng.uniform(4, 20) * clutter, size=(height, width, 1)).astype(np.float32)
     if rng.random() < 0.5:  # stripes at a random angle and period
         angle, period = rng.uniform(0, math.pi), rng.uniform(6, 30)

@@ -1,0 +1,285 @@
+"""Self-supervised pretraining: ``pretrain(config)`` from unlabelled images to ``RUN/backbone.safetensors``.
+
+The loop of ``imgrec.engine.train`` with a method (``imgrec.ssl``) in place of the classifier:
+each batch holds several augmented views of every image, the method turns them into a loss, and
+after each optimizer step it may move a momentum teacher. Every epoch ends with the online kNN
+monitor (when the data has a labelled val split), a line in metrics.jsonl, the backbone's
+weights and an atomic checkpoint, so ``--resume`` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from imgrec.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from imgrec.config import PretrainConfig, preprocessing, save_yaml, to_dict
+from imgrec.data.folder import SHARD_SHUFFLE_BUFFER, DatasetError, SkipLog, class_balanced_subset, iter_image_files, load_splits
+from imgrec.data.loader import create_loader
+from imgrec.data.shards import ShardDataset, is_shard_source
+from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config
+from imgrec.engine.evaluate import LabelledFiles, classification_metrics, collect_logits
+from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
+from imgrec.engine.knn import knn_scores
+from imgrec.engine.loop import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    apply_schedule,
+    drop_rows_after,
+    open_tensorboard,
+    prepare_output_dir,
+    run_epoch,
+    seed_everything,
+    start_or_resume,
+    steps_per_epoch,
+)
+from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY, cosine_schedule, create_optimizer, scaled_lr
+from imgrec.models.factory import create_model
+from imgrec.ssl import method_class
+from imgrec.ssl.views import MultiViewTransform, adjust_view
+
+BACKBONE_WEIGHTS = "backbone.safetensors"
+BACKBONE_INFO = "backbone.json"
+
+
+def pretrain(config: PretrainConfig | None = None, *, resume: str | os.PathLike | None = None, console: Console | None = None, **overrides: Any) -> Path:
+    """Pretrain a backbone without labels; returns the run directory holding ``backbone.safetensors``.
+
+    ``pretrain(data="DATA", model="resnet18", method="simclr", out="runs/ssl", epochs=100)``;
+    ``pretrain(resume="runs/ssl")`` continues a run from its ``last.pt``.
+    """
+    console = console or Console(soft_wrap=True)
+    config, checkpoint = start_or_resume(
+        PretrainConfig, config, resume, overrides, no_data="no images to pretrain on: pass --data DIR, a folder of images (labels, if any, are ignored)"
+    )
+    run = PretrainRun(config, console)
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    return run.fit()
+
+
+def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, Any, Any, list[str], str]:
+    """(unlabelled train set, labelled bank, labelled queries, classes, note) for ``config.data``.
+
+    A root with train/ and val/ (folders or shards, same classes) pretrains on train/ and, while
+    ``knn_every`` is on, monitors the kNN accuracy of val/ against train/. Anything else is
+    pretrained on unmonitored, with ``note`` saying why: train/ without a labelled val/ (train/
+    alone), a shard source (folder of shards, pattern, URL), or a folder of images at any depth,
+    class folders or not. The bank holds at most ``knn_bank_size`` train images (class-balanced
+    for folders; the first ones read for shards) and uses the eval transform.
+    """
+    options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
+    root, note = Path(config.data), ""
+    if config.val_data is not None or (root / "train").is_dir() and (root / "val").is_dir():
+        try:
+            splits = load_splits(root, val_root=config.val_data, seed=config.seed, skip_log=skip_log, **options)
+        except DatasetError as exc:
+            if config.val_data is not None:
+                raise
+            root, note = root / "train", f"no kNN monitor: {exc}"
+        else:
+            if not config.knn_every:
+                return splits.train, None, None, splits.classes, "no kNN monitor (knn_every is 0)"
+            bank, queries = copy.copy(splits.train), splits.val
+            for dataset in (bank, queries):
+                dataset.replace_bad = False  # the monitor counts each readable image once
+            if hasattr(bank, "samples") and config.knn_bank_size and len(bank) > config.knn_bank_size:
+                bank.samples = [bank.samples[i] for i in class_balanced_subset(bank.targets, config.knn_bank_size / len(bank), seed=config.seed)]
+            return splits.train, bank, queries, splits.classes, ""
+    elif (root / "train").is_dir():
+        root, note = root / "train", f"no kNN monitor: {config.data} has train/ but no labelled val/"
+    if is_shard_source(root):
+        shard_options = {k: v for k, v in options.items() if k == "max_pixels"}
+        train = ShardDataset(root, shuffle=SHARD_SHUFFLE_BUFFER, seed=config.seed, skip_log=skip_log, **shard_options)
+        return train, None, None, [], note or "no kNN monitor: shards without a val split"
+    if not root.is_dir():
+        raise ValueError(f"--data {root} is not a folder: pass a folder of images, or a root holding train/ and val/")
+    files = iter_image_files(root)
+    if not files:
+        raise ValueError(f"no images below {root} (.jpg, .jpeg, .png, .webp, ... at any depth)")
+    train = LabelledFiles([(str(f), 0) for f in files], ["unlabelled"], root=root, skip_log=skip_log, replace_bad=True, **options)
+    return train, None, None, [], note or "no kNN monitor: no labelled val split"
+
+
+class PretrainRun:
+    """The state of one pretraining run; built once, then ``fit`` loops over the epochs."""
+
+    def __init__(self, config: PretrainConfig, console: Console):
+        self.console = console
+        self.out = prepare_output_dir(config.out)
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        flush_denormals(self.device)
+        channels_last = config.channels_last if config.channels_last is not None else True
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+
+        self.skip_log = SkipLog(self.out / "skipped.jsonl")
+        self.train_set, self.bank_set, self.query_set, self.classes, self.monitor_note = pretraining_data(config, self.skip_log)
+        backbone = create_model(config.model, num_classes=0)
+        self.data_config = dc = resolve_data_config(backbone, **config.data_config)
+        cls = method_class(config.method)
+        self.method = cls.build(
+            backbone, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim,
+            temperature=config.temperature, teacher_momentum=config.teacher_momentum,
+        )  # fmt: skip
+        self.num_views = len(cls.views)
+        views = [adjust_view(spec, jitter_strength=config.jitter_strength, blur=config.blur) for spec in cls.views]
+        self.train_set.transform = MultiViewTransform(dc, views, config.loader)
+        self.method.to(self.device, memory_format=memory_format)
+        self.forward = torch.compile(self.method) if config.compile else self.method
+
+        self.train_loader = create_loader(
+            self.train_set, batch_size=config.batch_size, train=True, num_workers=config.workers, seed=config.seed,
+            persistent_workers=False, low_priority_workers=self.device.type == "cpu",
+        )  # fmt: skip
+        self.monitor_loaders = None
+        if self.bank_set is not None:
+            for dataset in (self.bank_set, self.query_set):
+                dataset.transform = eval_transform(dc, config.loader)
+            self.monitor_loaders = [
+                create_loader(d, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=channels_last)
+                for d in (self.bank_set, self.query_set)
+            ]
+        self.steps_per_epoch = steps_per_epoch(self.train_set, self.train_loader, config)
+
+        opt = config.opt or cls.optimizer
+        paper = opt == cls.optimizer  # the method's own learning rate and decay go with its own optimizer
+        base_lr = config.base_lr if config.base_lr is not None else (cls.base_lr if paper else BASE_LR[opt])
+        weight_decay = config.weight_decay if config.weight_decay is not None else (cls.weight_decay if paper else WEIGHT_DECAY[opt])
+        global_batch = config.batch_size * config.accum_steps
+        self.lr = lr = config.lr if config.lr is not None else scaled_lr(opt, global_batch, base_lr)
+        self.optimizer = create_optimizer(self.method, opt, lr, weight_decay, config.momentum, lars_trust=config.lars_trust)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.scheduler = cosine_schedule(self.optimizer, self.total_steps, round(config.warmup_epochs * self.steps_per_epoch), config.min_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.normalize = BatchNormalize.from_config(dc, channels_last=channels_last).to(self.device)
+        self.config = dataclasses.replace(
+            config, opt=opt, lr=lr, base_lr=base_lr, weight_decay=weight_decay, data_config=to_dict(dc),
+            precision=self.precision, channels_last=channels_last, workers=self.train_loader.num_workers,
+        )  # fmt: skip
+        self.epoch = 0
+        self.writer = open_tensorboard(self.out) if config.tensorboard else None
+        save_yaml(self.config, self.out / CONFIG_NAME)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.method.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        apply_schedule(self.optimizer, self.scheduler)
+        self.epoch = checkpoint["epoch"]
+        set_rng_state(checkpoint["rng"])
+        drop_rows_after(self.out / METRICS_NAME, self.epoch)
+        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}", highlight=False)
+
+    def fit(self) -> Path:
+        config = self.config
+        monitor = f"kNN monitor on {len(self.query_set)} labelled val images" if self.monitor_loaders else self.monitor_note
+        self.console.print(
+            f"pretraining {config.model} with {config.method} on {len(self.train_set)} images; {monitor}; {self.device.type}, "
+            f"{self.precision}, {config.opt} batch {config.batch_size}x{config.accum_steps}, peak lr {self.lr:.3g}, {config.epochs} epochs",
+            highlight=False,
+        )
+        while self.epoch < config.epochs:
+            epoch = self.epoch + 1
+            seed_everything(config.seed * 100_003 + epoch)
+            self.train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(epoch)
+            started = time.perf_counter()
+            row = {"epoch": epoch, **pretrain_one_epoch(self, epoch)}
+            if self.monitor_loaders and config.knn_every and (epoch % config.knn_every == 0 or epoch == config.epochs):
+                row.update(self.knn_monitor())
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            self.epoch = epoch
+            self.log(row)
+            self.save_backbone(row)
+            self.save_checkpoint()
+            self.skip_log.compact()
+        if self.writer is not None:
+            self.writer.close()
+        if len(self.skip_log):
+            self.console.print(f"{len(self.skip_log)} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
+        self.console.print(f"backbone weights: {self.out / BACKBONE_WEIGHTS}", highlight=False)
+        return self.out
+
+    def knn_monitor(self) -> dict[str, float]:
+        """kNN top-1/top-5 (k, temperature from the config) of val against the train bank, in percent."""
+        dtype = DTYPES[self.precision]
+        bank_loader, query_loader = self.monitor_loaders
+        if not hasattr(self.bank_set, "samples") and self.config.knn_bank_size:  # shards: the first images read
+            bank_loader = itertools.islice(bank_loader, math.ceil(self.config.knn_bank_size / bank_loader.batch_size))
+        backbone, normalize = self.method.backbone, self.normalize
+        bank, bank_labels = collect_logits(backbone, bank_loader, device=self.device, normalize=normalize, autocast_dtype=dtype)
+        queries, labels = collect_logits(backbone, query_loader, device=self.device, normalize=normalize, autocast_dtype=dtype)
+        scores = knn_scores(
+            bank.to(self.device), bank_labels, queries, len(self.classes), k=self.config.knn_k, temperature=self.config.knn_temperature
+        )  # fmt: skip
+        metrics = classification_metrics(scores, labels, self.classes)
+        return {"knn_top1": metrics["top1"], "knn_top5": metrics["top5"]}
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.out / METRICS_NAME, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+        knn = f", kNN top-1 {row['knn_top1']:.2f}%" if "knn_top1" in row else ""
+        self.console.print(
+            f"epoch {row['epoch']}/{self.config.epochs}: loss {row['loss']:.4f}{knn}, lr {row['lr']:.3g}, "
+            f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s",
+            highlight=False,
+        )
+
+    def save_backbone(self, row: dict[str, Any]) -> None:
+        info = {
+            "architecture": self.config.model,
+            "method": self.config.method,
+            "epoch": row["epoch"],
+            "epochs": self.config.epochs,
+            "feature_dim": self.method.feature_dim,
+            **preprocessing(self.data_config),
+            **{k: row[k] for k in ("loss", "knn_top1", "knn_top5") if k in row},
+        }
+        save_model_dir(self.out, self.method.backbone_state(), info, weights_name=BACKBONE_WEIGHTS, info_name=BACKBONE_INFO)
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "rng": rng_state(),
+            "config": to_dict(self.config),
+        }
+        save_checkpoint(self.out / CHECKPOINT_NAME, state)
+
+
+def pretrain_one_epoch(run: PretrainRun, epoch: int) -> dict[str, float]:
+    """One pass of ``run.steps_per_epoch`` optimizer steps; returns mean loss, last lr and images/s."""
+    run.method.train()
+
+    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        views = batch[0].to(run.device, non_blocking=True)  # uint8 [B, V, 3, H, W]; labels unused
+        inputs = run.normalize(views.transpose(0, 1).flatten(0, 1))  # view-major [V * B, 3, H, W]
+        with autocast(run.device, run.precision):
+            return run.forward(inputs, run.num_views), views.shape[0]
+
+    return run_epoch(run, epoch, batch_loss, lambda step: run.method.after_step(step / run.total_steps))
+
+
+__all__ = ["BACKBONE_INFO", "BACKBONE_WEIGHTS", "PretrainRun", "pretrain", "pretrain_one_epoch", "pretraining_data"]

@@ -1,0 +1,77 @@
+"""MoCo v3 (Chen, Xie and He, 2021): contrastive, with a momentum teacher for the keys.
+
+The online branch (backbone, projector, predictor) embeds one view as a query; the teacher
+(backbone + projector, an exponential moving average of the online weights whose rate rises
+from 0.99 to 1 along a cosine) embeds the other view as the key. Each query's key is its
+positive and every other key of the global batch (all ranks) a negative: InfoNCE both ways,
+scaled by 2 x temperature as in the paper's code. Recipe for ResNets: BYOL's asymmetric views,
+LARS at 0.6 x batch / 256 (the paper's 0.3 for batch 4096 is 0.6 per 256 at its scale: see
+its code's defaults), weight decay 1e-6, a 3-layer projector and a 2-layer predictor, 4096 wide,
+to 256; temperature 1.0 (ResNet) or 0.2 (ViT).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgrec.ssl.base import SSLMethod, cosine_momentum, ema_update, frozen_copy, gather_across_ranks, mlp
+from imgrec.ssl.byol import BYOL_VIEWS
+
+
+class MoCoV3(SSLMethod):
+    name = "moco"
+    optimizer = "lars"
+    base_lr = 0.6
+    weight_decay = 1e-6
+    proj_hidden_dim = 4096
+    proj_dim = 256
+    temperature = 1.0
+    teacher_momentum = 0.99
+    views = BYOL_VIEWS
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        proj_hidden_dim: int | None = None,
+        proj_dim: int | None = None,
+        temperature: float | None = None,
+        teacher_momentum: float | None = None,
+    ):
+        super().__init__(backbone)
+        hidden, out = proj_hidden_dim or self.proj_hidden_dim, proj_dim or self.proj_dim
+        self.projector = mlp(self.feature_dim, hidden, out, layers=3, last_norm=True)
+        self.predictor = mlp(out, hidden, out, last_norm=True)
+        self.teacher_backbone = frozen_copy(self.backbone)
+        self.teacher_projector = frozen_copy(self.projector)
+        self.temperature = temperature if temperature is not None else type(self).temperature
+        self.base_momentum = teacher_momentum if teacher_momentum is not None else type(self).teacher_momentum
+
+    def forward(self, images: torch.Tensor, num_views: int = 2) -> torch.Tensor:
+        if num_views != 2:
+            raise ValueError(f"MoCo v3 takes 2 views per image, got {num_views}")
+        q1, q2 = self.predictor(self.projector(self.backbone(images))).float().chunk(2)
+        with torch.no_grad():
+            k1, k2 = self.teacher_projector(self.teacher_backbone(images)).float().chunk(2)
+        return info_nce(q1, k2, self.temperature) + info_nce(q2, k1, self.temperature)
+
+    def after_step(self, progress: float) -> None:
+        momentum = cosine_momentum(self.base_momentum, progress)
+        ema_update(self.teacher_backbone, self.backbone, momentum)
+        ema_update(self.teacher_projector, self.projector, momentum)
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each query against all keys of the global batch, its own key the answer,
+    times 2 x temperature (MoCo v3's scaling); in float32 even under autocast."""
+    with torch.autocast(queries.device.type, enabled=False):
+        q, k = F.normalize(queries.float(), dim=1), F.normalize(keys.detach().float(), dim=1)
+        all_keys, rank = gather_across_ranks(k)
+        logits = q @ all_keys.T / temperature
+        labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+        return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+__all__ = ["MoCoV3", "info_nce"]
