@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from imgrec.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from imgrec.checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
 from imgrec.config import from_dict
 from imgrec.utils import atomic_write
 
@@ -59,6 +59,40 @@ def start_or_resume(
     if checkpoint is None and any((Path(config.out) / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME)):
         raise ValueError(f"{config.out} already holds a training run: continue it with --resume {config.out}, or pick another --out")
     return config, checkpoint
+
+
+def begin_epoch(run: Any, epoch: int) -> None:
+    """Fix epoch ``epoch``'s randomness from (seed, epoch): the main process's RNGs, the loader's
+    shuffle and its workers' augmentation (workers are not persistent), a shard set's order. So an
+    epoch draws the same randomness whether the run went straight through or was resumed."""
+    seed = run.config.seed * 100_003 + epoch
+    seed_everything(seed)
+    run.train_loader.generator.manual_seed(seed)
+    if hasattr(run.train_loader.dataset, "set_epoch"):  # shards: the shard order and shuffle buffer
+        run.train_loader.dataset.set_epoch(epoch)
+
+
+def restore_training_state(run: Any, checkpoint: dict[str, Any]) -> None:
+    """Optimizer, schedule, grad scaler, epoch and RNG states of ``checkpoint`` into ``run`` (the
+    weights are the caller's); metrics.jsonl rows logged after the checkpoint are dropped."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    apply_schedule(run.optimizer, run.scheduler)
+    run.epoch = checkpoint["epoch"]
+    set_rng_state(checkpoint["rng"])
+    drop_rows_after(run.out / METRICS_NAME, run.epoch)
+
+
+def write_metrics(out: Path, writer: Any, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``out/metrics.jsonl`` and, with a TensorBoard writer, its numbers as scalars."""
+    with open(out / METRICS_NAME, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
 
 
 def run_epoch(run: Any, epoch: int, batch_loss: Callable[[Any], tuple[torch.Tensor, int]], after_step: Callable[[int], None] | None = None) -> dict[str, float]:
@@ -204,13 +238,16 @@ __all__ = [
     "CONFIG_NAME",
     "METRICS_NAME",
     "apply_schedule",
+    "begin_epoch",
     "drop_rows_after",
     "epoch_progress",
     "open_tensorboard",
     "peak_lr",
     "prepare_output_dir",
+    "restore_training_state",
     "run_epoch",
     "seed_everything",
     "start_or_resume",
     "steps_per_epoch",
+    "write_metrics",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import os
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from imgrec.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from imgrec.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, save_model_dir
 from imgrec.config import PretrainConfig, preprocessing, save_yaml, to_dict
 from imgrec.data.folder import SHARD_SHUFFLE_BUFFER, DatasetError, SkipLog, class_balanced_subset, iter_image_files, load_splits
 from imgrec.data.loader import create_loader
@@ -33,15 +32,15 @@ from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_de
 from imgrec.engine.knn import knn_scores
 from imgrec.engine.loop import (
     CONFIG_NAME,
-    METRICS_NAME,
-    apply_schedule,
-    drop_rows_after,
+    begin_epoch,
     open_tensorboard,
     prepare_output_dir,
+    restore_training_state,
     run_epoch,
     seed_everything,
     start_or_resume,
     steps_per_epoch,
+    write_metrics,
 )
 from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY, cosine_schedule, create_optimizer, scaled_lr
 from imgrec.models.factory import create_model
@@ -174,13 +173,7 @@ class PretrainRun:
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        apply_schedule(self.optimizer, self.scheduler)
-        self.epoch = checkpoint["epoch"]
-        set_rng_state(checkpoint["rng"])
-        drop_rows_after(self.out / METRICS_NAME, self.epoch)
+        restore_training_state(self, checkpoint)
         self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}", highlight=False)
 
     def fit(self) -> Path:
@@ -193,10 +186,7 @@ class PretrainRun:
         )
         while self.epoch < config.epochs:
             epoch = self.epoch + 1
-            seed_everything(config.seed * 100_003 + epoch)
-            self.train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
-            if hasattr(self.train_set, "set_epoch"):
-                self.train_set.set_epoch(epoch)
+            begin_epoch(self, epoch)
             started = time.perf_counter()
             row = {"epoch": epoch, **pretrain_one_epoch(self, epoch)}
             if self.monitor_loaders and config.knn_every and (epoch % config.knn_every == 0 or epoch == config.epochs):
@@ -230,13 +220,7 @@ class PretrainRun:
         return {"knn_top1": metrics["top1"], "knn_top5": metrics["top5"]}
 
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.out / METRICS_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, row["epoch"])
-            self.writer.flush()
+        write_metrics(self.out, self.writer, row)
         knn = f", kNN top-1 {row['knn_top1']:.2f}%" if "knn_top1" in row else ""
         self.console.print(
             f"epoch {row['epoch']}/{self.config.epochs}: loss {row['loss']:.4f}{knn}, lr {row['lr']:.3g}, "

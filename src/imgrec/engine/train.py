@@ -6,14 +6,14 @@ saves the model directory when val top-1 improves and writes ``last.pt`` atomica
 
 Exact resume: every epoch starts by re-seeding the loader's generator (which fixes the shuffle
 order and the workers' augmentation seeds, as workers are not persistent) and the main
-process's RNGs from (seed, epoch). So epoch ``e`` draws the same randomness whether the run went
-straight through or was resumed from the checkpoint of epoch ``e - 1``.
+process's RNGs from (seed, epoch) (``imgrec.engine.loop.begin_epoch``). So epoch ``e`` draws the
+same randomness whether the run went straight through or was resumed from the checkpoint of
+epoch ``e - 1``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -27,7 +27,6 @@ from imgrec.checkpoint import (
     rng_state,
     save_checkpoint,
     save_model_dir,
-    set_rng_state,
 )
 from imgrec.config import PREPROCESSING, TrainConfig, preprocessing, save_yaml, to_dict
 from imgrec.data.folder import SkipLog, class_balanced_subset, load_splits, read_class_names, write_class_index
@@ -37,15 +36,15 @@ from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
 from imgrec.engine.loop import (
     CONFIG_NAME,
-    METRICS_NAME,
-    apply_schedule,
-    drop_rows_after,
+    begin_epoch,
     open_tensorboard,
     prepare_output_dir,
+    restore_training_state,
     run_epoch,
     seed_everything,
     start_or_resume,
     steps_per_epoch,
+    write_metrics,
 )
 from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
 from imgrec.models.factory import create_model, resolve_weights
@@ -169,16 +168,10 @@ class Run:
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
-        apply_schedule(self.optimizer, self.scheduler)
-        self.epoch = checkpoint["epoch"]
+        restore_training_state(self, checkpoint)
         self.best = checkpoint["best"]
-        set_rng_state(checkpoint["rng"])
-        drop_rows_after(self.out / METRICS_NAME, self.epoch)
         self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}", highlight=False)
 
     def fit(self) -> Path:
@@ -191,10 +184,7 @@ class Run:
         )
         while self.epoch < config.epochs:
             epoch = self.epoch + 1
-            seed_everything(config.seed * 100_003 + epoch)
-            self.train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
-            if hasattr(self.splits.train, "set_epoch"):  # shards: the shard order and shuffle buffer
-                self.splits.train.set_epoch(epoch)
+            begin_epoch(self, epoch)
             started = time.perf_counter()
             stats = train_one_epoch(self, epoch)
             metrics = self.validate()
@@ -237,13 +227,7 @@ class Run:
         return classification_metrics(logits, labels, self.classes)
 
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.out / METRICS_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, row["epoch"])
-            self.writer.flush()
+        write_metrics(self.out, self.writer, row)
         ema = f", EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else ""
         self.console.print(
             f"epoch {row['epoch']}/{self.config.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "

@@ -4,10 +4,9 @@ The online branch (backbone, projector, predictor) embeds one view as a query; t
 (backbone + projector, an exponential moving average of the online weights whose rate rises
 from 0.99 to 1 along a cosine) embeds the other view as the key. Each query's key is its
 positive and every other key of the global batch (all ranks) a negative: InfoNCE both ways,
-scaled by 2 x temperature as in the paper's code. Recipe for ResNets: BYOL's asymmetric views,
-LARS at 0.6 x batch / 256 (the paper's 0.3 for batch 4096 is 0.6 per 256 at its scale: see
-its code's defaults), weight decay 1e-6, a 3-layer projector and a 2-layer predictor, 4096 wide,
-to 256; temperature 1.0 (ResNet) or 0.2 (ViT).
+scaled by 2 x temperature as in the paper's code. Recipe of its ResNet-50 runs: BYOL's
+asymmetric views, LARS at 0.6 x batch / 256, weight decay 1e-6, a 3-layer projector and a
+2-layer predictor, 4096 wide, to 256; temperature 1.0 (0.2 for ViTs).
 """
 
 from __future__ import annotations
