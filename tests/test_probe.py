@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,32 @@ def test_train_fraction(synth, tmp_path, capsys):
     assert train_cli(synth, tmp_path / "zero", "--train-fraction", "0") == 2
     assert "train_fraction" in capsys.readouterr().err
     assert train_cli(synth, tmp_path / "bad-ld", "--layer-decay", "1.5") == 2
+
+
+# --- review fixes: what a run directory carries into fine-tuning, bad files in a probe ---------
+
+
+def test_finetune_takes_the_pretrain_runs_preprocessing(synth, pretrain_run, tmp_path):
+    # No --img-size here: the backbone was pretrained at 32 px and backbone.json says so.
+    out = tmp_path / "ft"
+    rc = main(["train", "--data", str(synth), "--model", "resnet10t", "--out", str(out), "--epochs", "1", "--batch-size", "8",
+               "--workers", "0", "--no-tensorboard", "--pretrained", str(pretrain_run)])  # fmt: skip
+    assert rc == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["data_config"]["img_size"] == 32
+    assert json.loads((out / "model.json").read_text())["img_size"] == 32
+
+
+def test_finetune_refuses_another_architecture(synth, pretrain_run, tmp_path, capsys):
+    rc = train_cli(synth, tmp_path / "ft", "--model", "resnet18", "--pretrained", str(pretrain_run))
+    assert rc == 2
+    assert "resnet10t" in capsys.readouterr().err
+
+
+def test_probe_lists_unreadable_images(synth, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    bad = data / "val" / "circle" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = probe("random:resnet10t", data, data_config={"img_size": 32, "max_bad_fraction": 0.2}, workers=0, cache=False)
+    assert [row["path"] for row in result["skipped"]] == [str(bad)]
+    assert result["val_images"] == N_VAL

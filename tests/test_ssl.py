@@ -610,3 +610,21 @@ def test_pretrain_config_refuses_supervised_augmentation():
 
     with pytest.raises(ValueError, match="auto_augment"):
         PretrainConfig(data="x", data_config={"auto_augment": "trivial"})
+
+
+def test_pretrain_falls_back_when_val_is_not_labelled(synth, tmp_path):
+    # train/<class>/ next to a flat val/ of images (ImageNet's raw val layout): pretrain on train/, no monitor.
+    root = tmp_path / "raw"
+    shutil.copytree(synth / "train", root / "train")
+    (root / "val").mkdir()
+    for i, image in enumerate(sorted((synth / "val").rglob("*.jpg"))):
+        shutil.copy(image, root / "val" / f"{i}.jpg")
+    console = Console(file=io.StringIO())
+    run = pretrain(data=str(root), method="simclr", out=str(tmp_path / "run"), console=console, **{**API_COMMON, "epochs": 1})
+    assert all("knn_top1" not in row for row in read_metrics(run))
+    assert "no kNN monitor" in console.file.getvalue()
+
+
+def test_pretrain_without_monitor_when_knn_every_is_zero(synth, tmp_path):
+    run = pretrain(data=str(synth), method="simclr", out=str(tmp_path / "run"), knn_every=0, console=quiet(), **{**API_COMMON, "epochs": 1})
+    assert [sorted(row) for row in read_metrics(run)] == [["epoch", "images_per_s", "loss", "lr", "seconds"]]
