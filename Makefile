@@ -25,9 +25,13 @@ test: venv
 demo: venv
 	$(VENV)/bin/imgrec demo --out $(DEMO)
 
-bench: venv
+bench: demo  # eval_parity.py measures the demo model
 	$(PY) benchmarks/synth_difficulty.py
 	$(PY) benchmarks/train_throughput.py --accuracy
+	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/eval_parity.py
+	$(PY) benchmarks/shards_vs_folder.py
+	$(PY) benchmarks/ssl_transfer.py
 
 constraints: venv
 	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -e "^imgrec" -e "^ruff=="; } > constraints.new && mv constraints.new constraints.txt
