@@ -628,3 +628,34 @@ def test_pretrain_falls_back_when_val_is_not_labelled(synth, tmp_path):
 def test_pretrain_without_monitor_when_knn_every_is_zero(synth, tmp_path):
     run = pretrain(data=str(synth), method="simclr", out=str(tmp_path / "run"), knn_every=0, console=quiet(), **{**API_COMMON, "epochs": 1})
     assert [sorted(row) for row in read_metrics(run)] == [["epoch", "images_per_s", "loss", "lr", "seconds"]]
+
+
+def test_pretraining_data_keeps_shard_urls_intact(monkeypatch, tmp_path):
+    import imgrec.engine.pretrain as pretrain_module
+    from imgrec.config import PretrainConfig
+    from imgrec.data.folder import SkipLog
+
+    seen = []
+    monkeypatch.setattr(pretrain_module, "ShardDataset", lambda source, **kw: seen.append(source) or "shards")
+    url = "https://host.example/in1k/train-{000000..000009}.tar"
+    train, bank, queries, classes, note = pretrain_module.pretraining_data(PretrainConfig(data=url), SkipLog(tmp_path / "skip.jsonl"))
+    assert seen == [url] and train == "shards" and bank is None and "no kNN monitor" in note
+
+
+def test_monitor_bank_never_exceeds_its_size(synth, tmp_path):
+    from imgrec.config import PretrainConfig
+    from imgrec.data.folder import SkipLog
+    from imgrec.engine.pretrain import pretraining_data
+
+    # 3 classes but room for 2: class balance (one per class at least) gives way to the cap.
+    train, bank, queries, classes, _ = pretraining_data(PretrainConfig(data=str(synth), knn_bank_size=2), SkipLog(tmp_path / "s.jsonl"))
+    assert len(bank) == 2 and len(train) == N_TRAIN and len(queries) == N_VAL
+    assert {path for path, _ in bank.samples} <= {path for path, _ in train.samples}
+
+
+def test_backbone_file_named_directly_brings_its_info(cli_runs):
+    from imgrec.models.factory import resolve_weights
+
+    _, run = cli_runs["simclr"]
+    weights, info = resolve_weights(run / "backbone.safetensors")
+    assert weights == run / "backbone.safetensors" and info["architecture"] == "resnet10t" and info["img_size"] == 32

@@ -154,19 +154,19 @@ class PretrainConfig(LoopConfig):
 
     OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("lars", "adamw", "sgd")
 
-    method: str = "simclr"  # simclr | byol
+    method: str = "simclr"  # simclr | moco | byol
     out: str = "runs/pretrain"
     epochs: int = 100
     batch_size: int = 256
     opt: str | None = None  # the method's: LARS
     warmup_epochs: float = 10.0
-    temperature: float | None = None  # contrastive softmax temperature (SimCLR 0.1)
+    temperature: float | None = None  # contrastive softmax temperature (SimCLR 0.1, MoCo v3 1.0)
     proj_hidden_dim: int | None = None  # projector (and predictor) hidden width (SimCLR 2048, BYOL 4096)
     proj_dim: int | None = None  # projection size (SimCLR 128, BYOL 256)
     jitter_strength: float = 1.0  # scales the method's colour jitter (brightness, contrast, saturation, hue; hue at most 0.5)
     blur: bool = True  # the method's Gaussian blur in the views (SimCLR's paper drops it for 32-px CIFAR images)
     lars_trust: float = 1e-3  # LARS trust coefficient: each step moves a tensor by about lr x trust of its norm
-    teacher_momentum: float | None = None  # BYOL: EMA rate of the target network at the start (to 1 by a cosine)
+    teacher_momentum: float | None = None  # MoCo v3, BYOL: EMA rate of the target network at the start (to 1 by a cosine)
     knn_k: int = 20  # the monitor's neighbours
     knn_temperature: float = 0.07  # the monitor's vote weights exp(cosine / T)
     knn_every: int = 1  # epochs between kNN monitor runs (0 = off); the last epoch always runs it when on

@@ -95,11 +95,19 @@ def write_metrics(out: Path, writer: Any, row: dict[str, Any]) -> None:
         writer.flush()
 
 
-def run_epoch(run: Any, epoch: int, batch_loss: Callable[[Any], tuple[torch.Tensor, int]], after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+def run_epoch(
+    run: Any,
+    epoch: int,
+    batch_loss: Callable[[Any], tuple[torch.Tensor, int]],
+    after_step: Callable[[int], None] | None = None,
+    *,
+    module: torch.nn.Module,
+) -> dict[str, float]:
     """One pass of ``run.steps_per_epoch`` optimizer steps; returns mean loss, last peak lr and images/s.
 
     ``batch_loss(batch)`` gives (loss, images in the batch); gradients accumulate over
-    ``accum_steps`` batches, are clipped to ``clip_grad`` if the config has one, and each
+    ``accum_steps`` batches, are clipped to ``clip_grad`` (over ``module``'s parameters, in its
+    order) if the config has one, and each
     optimizer step advances the schedule, then calls ``after_step(global step)``. ``run``
     provides config, device, precision's scaler, optimizer, scheduler, train_loader,
     steps_per_epoch, console and skip_log.
@@ -127,8 +135,7 @@ def run_epoch(run: Any, epoch: int, batch_loss: Callable[[Any], tuple[torch.Tens
                 continue
             if clip_grad is not None:
                 run.scaler.unscale_(run.optimizer)
-                params = [p for group in run.optimizer.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
             run.scaler.step(run.optimizer)
             run.scaler.update()
             run.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,15 @@ def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, An
     for folders; the first ones read for shards) and uses the eval transform.
     """
     options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
-    root, note = Path(config.data), ""
-    if config.val_data is not None or (root / "train").is_dir() and (root / "val").is_dir():
+    # ``root`` stays a string: a shard URL's "//" would not survive a Path.
+    root, local, note = config.data, Path(config.data), ""
+    if config.val_data is not None or (local / "train").is_dir() and (local / "val").is_dir():
         try:
             splits = load_splits(root, val_root=config.val_data, seed=config.seed, skip_log=skip_log, **options)
         except DatasetError as exc:
             if config.val_data is not None:
                 raise
-            root, note = root / "train", f"no kNN monitor: {exc}"
+            root, note = str(local / "train"), f"no kNN monitor: {exc}"
         else:
             if not config.knn_every:
                 return splits.train, None, None, splits.classes, "no kNN monitor (knn_every is 0)"
@@ -93,15 +95,18 @@ def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, An
             for dataset in (bank, queries):
                 dataset.replace_bad = False  # the monitor counts each readable image once
             if hasattr(bank, "samples") and config.knn_bank_size and len(bank) > config.knn_bank_size:
-                bank.samples = [bank.samples[i] for i in class_balanced_subset(bank.targets, config.knn_bank_size / len(bank), seed=config.seed)]
+                keep = class_balanced_subset(bank.targets, config.knn_bank_size / len(bank), seed=config.seed)
+                if len(keep) > config.knn_bank_size:  # one image per class at least: more classes than the cap
+                    keep = sorted(random.Random(config.seed).sample(keep, config.knn_bank_size))
+                bank.samples = [bank.samples[i] for i in keep]
             return splits.train, bank, queries, splits.classes, ""
-    elif (root / "train").is_dir():
-        root, note = root / "train", f"no kNN monitor: {config.data} has train/ but no labelled val/"
+    elif (local / "train").is_dir():
+        root, note = str(local / "train"), f"no kNN monitor: {config.data} has train/ but no labelled val/"
     if is_shard_source(root):
         shard_options = {k: v for k, v in options.items() if k == "max_pixels"}
         train = ShardDataset(root, shuffle=SHARD_SHUFFLE_BUFFER, seed=config.seed, skip_log=skip_log, **shard_options)
         return train, None, None, [], note or "no kNN monitor: shards without a val split"
-    if not root.is_dir():
+    if not Path(root).is_dir():
         raise ValueError(f"--data {root} is not a folder: pass a folder of images, or a root holding train/ and val/")
     files = iter_image_files(root)
     if not files:
@@ -263,7 +268,7 @@ def pretrain_one_epoch(run: PretrainRun, epoch: int) -> dict[str, float]:
         with autocast(run.device, run.precision):
             return run.forward(inputs, run.num_views), views.shape[0]
 
-    return run_epoch(run, epoch, batch_loss, lambda step: run.method.after_step(step / run.total_steps))
+    return run_epoch(run, epoch, batch_loss, lambda step: run.method.after_step(step / run.total_steps), module=run.method)
 
 
 __all__ = ["BACKBONE_INFO", "BACKBONE_WEIGHTS", "PretrainRun", "pretrain", "pretrain_one_epoch", "pretraining_data"]

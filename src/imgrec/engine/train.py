@@ -101,7 +101,8 @@ class Run:
         # Size, crop_pct, interpolation, mean and std: as given, else as the pretrained weights were
         # trained (their backbone.json / model.json), else the architecture's.
         base = {k: weights_info[k] for k in PREPROCESSING if k in weights_info}
-        self.data_config = dc = resolve_data_config(self.model, **{**base, **config.data_config})
+        given = {k: v for k, v in config.data_config.items() if v is not None}
+        self.data_config = dc = resolve_data_config(self.model, **{**base, **given})
         self.splits.train.transform = train_transform(dc, config.loader)
         self.splits.val.transform = eval_transform(dc, config.loader)
         if config.freeze_backbone:
@@ -289,7 +290,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         return loss, inputs.shape[0]
 
     after_step = (lambda step: run.ema.update(model, step=step)) if run.ema is not None else None
-    return run_epoch(run, epoch, batch_loss, after_step)
+    return run_epoch(run, epoch, batch_loss, after_step, module=model)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,8 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(weights file, its JSON info) for a weights file or a run directory.
 
     A directory of ``imgrec pretrain`` gives its backbone.safetensors, one of ``imgrec train``
-    its model.safetensors; the info (architecture, preprocessing) is empty for a bare file.
+    its model.safetensors, with the JSON info (architecture, preprocessing) beside it; such a
+    file named directly comes with its info too, any other file with none.
     """
     path = Path(path)
     if path.is_dir():
@@ -117,6 +118,9 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise WeightsError(f"{path} holds no backbone.safetensors (imgrec pretrain) or model.safetensors (imgrec train): pass a run directory or a weights file")
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist (pretrained weights must be a local file or run directory)")
+    beside = dict(RUN_WEIGHTS).get(path.name)  # RUN/backbone.safetensors named as a file: its backbone.json still counts
+    if beside and (path.parent / beside).is_file():
+        return path, json.loads((path.parent / beside).read_text(encoding="utf-8"))
     return path, {}
 
 

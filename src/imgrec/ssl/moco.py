@@ -5,8 +5,8 @@ The online branch (backbone, projector, predictor) embeds one view as a query; t
 from 0.99 to 1 along a cosine) embeds the other view as the key. Each query's key is its
 positive and every other key of the global batch (all ranks) a negative: InfoNCE both ways,
 scaled by 2 x temperature as in the paper's code. Recipe of its ResNet-50 runs: BYOL's
-asymmetric views, LARS at 0.6 x batch / 256, weight decay 1e-6, a 3-layer projector and a
-2-layer predictor, 4096 wide, to 256; temperature 1.0 (0.2 for ViTs).
+asymmetric views, LARS at 0.6 x batch / 256, weight decay 1e-6, a 2-layer projector ending in
+batch norm and a 2-layer predictor, 4096 wide, to 256; temperature 1.0 (0.2 for ViTs).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class MoCoV3(SSLMethod):
     ):
         super().__init__(backbone)
         hidden, out = proj_hidden_dim or self.proj_hidden_dim, proj_dim or self.proj_dim
-        self.projector = mlp(self.feature_dim, hidden, out, layers=3, last_norm=True)
-        self.predictor = mlp(out, hidden, out, last_norm=True)
+        self.projector = mlp(self.feature_dim, hidden, out, last_norm=True)  # the ResNet heads (3 and 2 layers are for ViTs)
+        self.predictor = mlp(out, hidden, out)
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_projector = frozen_copy(self.projector)
         self.temperature = temperature if temperature is not None else type(self).temperature
