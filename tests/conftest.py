@@ -22,3 +22,24 @@ def odd_folder(tmp_path: Path) -> tuple[Path, set[str], set[str]]:
     (root / "val" / "odd").mkdir()
     photo(50, 40, 200).save(root / "val" / "odd" / "ok.jpg")
     return root, good, bad
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: the pretraining and probe tests run many tiny steps, which
+    a second thread slows down on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory, one_thread) -> Path:
+    """3 classes x (8 train + 4 val) synthetic shapes, 40-60 px, without clutter: read only."""
+    from imgrec.data.synth import SynthSpec, write_synth_dataset
+
+    spec = SynthSpec(classes=3, train_per_class=8, val_per_class=4, min_side=40, max_side=60, clutter=0.0)
+    return write_synth_dataset(tmp_path_factory.mktemp("shapes") / "data", spec, workers=1)

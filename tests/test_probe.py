@@ -23,7 +23,6 @@ import imgrec.engine.probe as probe_module
 from imgrec.checkpoint import load_checkpoint
 from imgrec.cli import main
 from imgrec.data.folder import ImageFolderDataset, load_splits
-from imgrec.data.synth import SynthSpec, write_synth_dataset
 from imgrec.data.transforms import resolve_data_config
 from imgrec.engine.evaluate import classification_metrics
 from imgrec.engine.knn import knn_scores, linear_probe
@@ -60,11 +59,8 @@ def backbone_keys_equal(model_file: Path, backbone_file: Path) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -74,10 +70,8 @@ def private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory, one_thread) -> Path:
-    root = tmp_path_factory.mktemp("probe-data") / "data"
-    spec = SynthSpec(classes=3, train_per_class=8, val_per_class=4, min_side=40, max_side=60, clutter=0.0)
-    return write_synth_dataset(root, spec, workers=1)
+def synth(tiny_shapes) -> Path:
+    return tiny_shapes
 
 
 @pytest.fixture(scope="module")

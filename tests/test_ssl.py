@@ -27,7 +27,6 @@ from imgrec.cli import main
 from imgrec.config import DataConfig
 from imgrec.data.decode import BadImageError
 from imgrec.data.folder import class_balanced_subset
-from imgrec.data.synth import SynthSpec, write_synth_dataset
 from imgrec.engine.optim import LARS, create_optimizer, param_groups
 from imgrec.engine.pretrain import pretrain
 from imgrec.ssl import METHODS, method_class
@@ -65,18 +64,13 @@ def cli_pretrain(data: Path, out: Path, method: str, *extra: str) -> int:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory, one_thread) -> Path:
-    root = tmp_path_factory.mktemp("ssl-data") / "data"
-    spec = SynthSpec(classes=3, train_per_class=8, val_per_class=4, min_side=40, max_side=60, clutter=0.0)
-    return write_synth_dataset(root, spec, workers=1)
+def synth(tiny_shapes) -> Path:
+    return tiny_shapes
 
 
 @pytest.fixture(scope="module")
