@@ -24,7 +24,7 @@ from rich.console import Console
 
 from imgrec.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, save_model_dir
 from imgrec.config import PretrainConfig, preprocessing, save_yaml, to_dict
-from imgrec.data.folder import SHARD_SHUFFLE_BUFFER, DatasetError, SkipLog, class_balanced_subset, iter_image_files, load_splits
+from imgrec.data.folder import SHARD_SHUFFLE_BUFFER, DatasetError, SkipLog, iter_image_files, load_splits
 from imgrec.data.loader import create_loader
 from imgrec.data.shards import ShardDataset, is_shard_source
 from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config
@@ -44,6 +44,7 @@ from imgrec.engine.loop import (
     write_metrics,
 )
 from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY, cosine_schedule, create_optimizer, scaled_lr
+from imgrec.engine.train import take_fraction
 from imgrec.models.factory import create_model
 from imgrec.ssl import method_class
 from imgrec.ssl.views import MultiViewTransform, adjust_view
@@ -91,15 +92,8 @@ def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, An
         else:
             if not config.knn_every:
                 return splits.train, None, None, splits.classes, "no kNN monitor (knn_every is 0)"
-            bank, queries = copy.copy(splits.train), splits.val
-            for dataset in (bank, queries):
-                dataset.replace_bad = False  # the monitor counts each readable image once
-            if hasattr(bank, "samples") and config.knn_bank_size and len(bank) > config.knn_bank_size:
-                keep = class_balanced_subset(bank.targets, config.knn_bank_size / len(bank), seed=config.seed)
-                if len(keep) > config.knn_bank_size:  # one image per class at least: more classes than the cap
-                    keep = sorted(random.Random(config.seed).sample(keep, config.knn_bank_size))
-                bank.samples = [bank.samples[i] for i in keep]
-            return splits.train, bank, queries, splits.classes, ""
+            splits.val.replace_bad = False  # the monitor counts each readable image once
+            return splits.train, monitor_bank(splits.train, config.knn_bank_size, config.seed), splits.val, splits.classes, ""
     elif (local / "train").is_dir():
         root, note = str(local / "train"), f"no kNN monitor: {config.data} has train/ but no labelled val/"
     if is_shard_source(root):
@@ -113,6 +107,18 @@ def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, An
         raise ValueError(f"no images below {root} (.jpg, .jpeg, .png, .webp, ... at any depth)")
     train = LabelledFiles([(str(f), 0) for f in files], ["unlabelled"], root=root, skip_log=skip_log, replace_bad=True, **options)
     return train, None, None, [], note or "no kNN monitor: no labelled val split"
+
+
+def monitor_bank(train: Any, size: int | None, seed: int) -> Any:
+    """The kNN monitor's labelled bank: a copy of the train set, unreadable images left out, cut to
+    ``size`` images, class-balanced (a folder; shards are cut as they are read, see ``knn_monitor``)."""
+    bank = copy.copy(train)
+    bank.replace_bad = False
+    if hasattr(bank, "samples") and size and len(bank) > size:
+        take_fraction(bank, size / len(bank), seed)
+        if len(bank) > size:  # one image per class at least: more classes than the bank holds
+            bank.samples = sorted(random.Random(seed).sample(bank.samples, size))
+    return bank
 
 
 class PretrainRun:
