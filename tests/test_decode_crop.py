@@ -263,7 +263,7 @@ def test_a_model_scores_the_same_with_the_fast_and_the_standard_eval_pipeline(tm
 
     spec = SynthSpec(classes=3, train_per_class=40, val_per_class=100, seed=3, min_side=80, max_side=200, clutter=0.0)
     data = write_synth_dataset(tmp_path / "data", spec, workers=1)
-    run = train(data=str(data), out=str(tmp_path / "run"), model="test_resnet", epochs=10, batch_size=16, lr=1e-2, device="cpu",
+    run = train(data=str(data), out=str(tmp_path / "run"), model="test_resnet", epochs=15, batch_size=16, lr=1e-2, device="cpu",
                 precision="fp32", workers=0, tensorboard=False, console=Console(file=_io.StringIO()),
                 data_config={"img_size": 32, "crop_pct": 0.875, "scale": (0.8, 1.0)})  # fmt: skip
     fast = evaluate(run, data / "val", loader="fast", workers=0)

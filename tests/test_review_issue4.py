@@ -161,6 +161,7 @@ def test_every_shard_epoch_runs_the_steps_its_schedule_counts_on(small_shards: P
 
 
 def test_an_epoch_that_ends_mid_accumulation_leaves_no_stale_gradients() -> None:
+    from imgrec.engine.resume import init_loop_state
     from imgrec.engine.train import train_one_epoch
 
     torch.manual_seed(0)
@@ -168,11 +169,12 @@ def test_an_epoch_that_ends_mid_accumulation_leaves_no_stale_gradients() -> None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = [(torch.randn(3, 4), torch.tensor([0, 1, 0])) for _ in range(3)]  # 3 of the 4 planned micro-batches
     run = SimpleNamespace(
-        config=SimpleNamespace(accum_steps=2, epochs=1, freeze_backbone=False, clip_grad=None),
+        config=SimpleNamespace(accum_steps=2, epochs=1, freeze_backbone=False, clip_grad=None, checkpoint_every=None, checkpoint_minutes=0, max_bad_steps=10),
         model=model, forward=model, device=torch.device("cpu"), precision="fp32", steps_per_epoch=2,
         console=Console(file=io.StringIO()), train_loader=batches, train_normalize=lambda x: x, mixup=None,
         criterion=torch.nn.CrossEntropyLoss(), scaler=torch.amp.GradScaler("cpu", enabled=False), optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), ema=None,
     )  # fmt: skip
+    init_loop_state(run)
     train_one_epoch(run, 1)
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())

@@ -34,7 +34,7 @@ DATA_CONFIG = {"img_size": 32, "crop_pct": 1.0, "scale": (0.8, 1.0)}
 COMMON = {
     "model": "test_resnet", "device": "cpu", "precision": "fp32", "workers": 0, "tensorboard": False, "batch_size": 8, "data_config": DATA_CONFIG,
 }  # fmt: skip
-METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "seconds", "images_per_s"}
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "seconds", "images_per_s", "val_images"}
 TIMING_KEYS = {"seconds", "images_per_s"}
 CLASSES = ["circle", "square", "triangle"]  # sorted folder names; the synth order is circle, triangle, square
 N_TRAIN, N_VAL = 24, 12
@@ -268,7 +268,9 @@ def test_resume_with_more_epochs_uses_the_new_schedule_from_the_first_step(synth
 
 
 def test_interrupt_while_saving_the_checkpoint_does_not_duplicate_metrics(synth, plain_run, tmp_path, monkeypatch):
-    original = train_module.save_checkpoint
+    from imgrec.engine import resume as resume_module
+
+    original = resume_module.save_checkpoint
     calls = []
 
     def interrupted_write(path, state):
@@ -279,7 +281,7 @@ def test_interrupt_while_saving_the_checkpoint_does_not_duplicate_metrics(synth,
 
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "save_checkpoint", interrupted_write)
+        patch.setattr(resume_module, "save_checkpoint", interrupted_write)
         with pytest.raises(KeyboardInterrupt):
             run_train(synth, out, epochs=3, seed=0)
     assert load_checkpoint(out / "last.pt")["epoch"] == 1

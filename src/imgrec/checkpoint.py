@@ -25,6 +25,8 @@ import torch
 from imgrec.utils import atomic_write, write_json
 
 CHECKPOINT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
+SKIP_LOG_NAME = "skipped.jsonl"
 WEIGHTS_NAME = "model.safetensors"
 INFO_NAME = "model.json"
 
@@ -110,6 +112,8 @@ def load_model_dir(run: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, A
 __all__ = [
     "CHECKPOINT_NAME",
     "INFO_NAME",
+    "METRICS_NAME",
+    "SKIP_LOG_NAME",
     "WEIGHTS_NAME",
     "load_checkpoint",
     "load_model_dir",

@@ -128,12 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags of every training loop for many processes and faults (DDP, checkpoints, NaN steps).
+LOOP_FAULT_FIELDS = ("checkpoint_every", "checkpoint_minutes", "max_bad_steps", "deterministic", "sync_bn")
 # Train flags that map one to one to TrainConfig fields (None = not given: the YAML or default wins).
 TRAIN_FIELDS = (
     "data", "val_data", "model", "out", "epochs", "batch_size", "accum_steps", "opt", "lr", "base_lr", "weight_decay", "momentum",
     "warmup_epochs", "min_lr", "label_smoothing", "mixup", "cutmix", "clip_grad", "ema_decay", "pretrained",
     "freeze_backbone", "layer_decay", "train_fraction", "drop_path", "precision", "channels_last", "compile", "device", "seed", "workers", "steps_per_epoch",
-    "tensorboard", "loader",
+    "tensorboard", "loader", *LOOP_FAULT_FIELDS,
 )  # fmt: skip
 DATA_FIELDS = ("img_size", "crop_pct", "interpolation", "mean", "std", "scale", "ratio", "hflip", "auto_augment", "rotation", "random_erasing", "max_pixels")
 
@@ -145,7 +147,11 @@ def add_loop_flags(p: argparse.ArgumentParser, config: str = "TrainConfig") -> N
     p.add_argument("--model", help="timm architecture, e.g. resnet50 (`imgrec models` lists them)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--config", help=f"YAML file of {config} fields; flags given here win")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (other flags are ignored, except --epochs, --device, --workers)")
+    p.add_argument(
+        "--resume", metavar="RUN|auto",
+        help="continue RUN from its last.pt (other flags are ignored, except --epochs, --device, --workers); "
+        "auto: continue --out if it holds a checkpoint, else start it (for torchrun --max-restarts)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--accum-steps", type=int, help="batches per optimizer step (gradient accumulation)")
@@ -164,6 +170,11 @@ def add_loop_flags(p: argparse.ArgumentParser, config: str = "TrainConfig") -> N
     p.add_argument("--steps-per-epoch", type=int, help="cap optimizer steps per epoch")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--loader", choices=["fast", "standard"], help="fast (default): decode-and-crop JPEGs at the crop's scale; standard: torchvision's PIL path")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also write last.pt every STEPS optimizer steps (every epoch's end always does)")
+    p.add_argument("--checkpoint-minutes", type=float, help="also write last.pt every this many minutes (default 15; 0 = off)")
+    p.add_argument("--max-bad-steps", type=int, help="stop after this many steps in a row with a non-finite loss, each skipped (default 10)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None, help="PyTorch's deterministic algorithms: bitwise-reproducible runs and resumes")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None, help="synchronise batch-norm statistics across DDP ranks (GPUs)")
     add_data_flags(p)
 
 
@@ -204,12 +215,6 @@ def config_from_args(args: argparse.Namespace, cls: type, fields: tuple[str, ...
     return from_dict(cls, values, source=args.config or "flags")
 
 
-def train_config_from_args(args: argparse.Namespace):
-    from imgrec.config import TrainConfig
-
-    return config_from_args(args, TrainConfig, TRAIN_FIELDS)
-
-
 def resume_overrides(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
     """The flags a resumed run takes (machine-dependent ones); a note about the others, which it ignores."""
     allowed = ("epochs", "device", "workers")
@@ -221,12 +226,31 @@ def resume_overrides(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from imgrec.config import TrainConfig
     from imgrec.engine.train import train
 
-    if args.resume:  # machine-dependent settings may change on resume; the recipe stays the run's own
-        train(resume=args.resume, console=console, **resume_overrides(args, TRAIN_FIELDS))
-        return 0
-    train(train_config_from_args(args), console=console)
+    return run_loop(train, args, TrainConfig, TRAIN_FIELDS)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from imgrec.config import TrainConfig
+
+    return config_from_args(args, TrainConfig, TRAIN_FIELDS)
+
+
+def run_loop(loop, args: argparse.Namespace, cls: type, fields: tuple[str, ...]) -> int:
+    """Start, resume (--resume RUN) or start-or-resume (--resume auto) a training loop; a run stopped
+    by SIGTERM/SIGINT after its checkpoint exits with 128 + the signal's number, as shells expect."""
+    from imgrec.engine.resume import TrainingInterrupted
+
+    try:
+        if args.resume and args.resume != "auto":  # machine-dependent settings may change on resume; the recipe stays the run's own
+            loop(resume=args.resume, console=console, **resume_overrides(args, fields))
+        else:
+            loop(config_from_args(args, cls, fields), resume=args.resume, console=console)
+    except TrainingInterrupted as exc:
+        console.print(str(exc), style="yellow", highlight=False)
+        return 128 + exc.signum
     return 0
 
 

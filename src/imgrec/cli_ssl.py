@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 
+from imgrec.cli import LOOP_FAULT_FIELDS
+
 PRETRAIN_FIELDS = (
     "data", "val_data", "model", "out", "method", "epochs", "batch_size", "accum_steps", "opt", "lr", "base_lr", "weight_decay",
     "momentum", "warmup_epochs", "min_lr", "temperature", "jitter_strength", "blur", "lars_trust", "proj_hidden_dim", "proj_dim", "teacher_momentum", "knn_k",
     "knn_temperature", "knn_every", "knn_bank_size", "precision", "channels_last", "compile", "device", "seed", "workers",
-    "steps_per_epoch", "tensorboard", "loader",
+    "steps_per_epoch", "tensorboard", "loader", *LOOP_FAULT_FIELDS,
 )  # fmt: skip
 
 
@@ -38,15 +40,11 @@ def add_pretrain_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from imgrec.cli import config_from_args, console, resume_overrides
+    from imgrec.cli import run_loop
     from imgrec.config import PretrainConfig
     from imgrec.engine.pretrain import pretrain
 
-    if args.resume:
-        pretrain(resume=args.resume, console=console, **resume_overrides(args, PRETRAIN_FIELDS))
-    else:
-        pretrain(config_from_args(args, PretrainConfig, PRETRAIN_FIELDS), console=console)
-    return 0
+    return run_loop(pretrain, args, PretrainConfig, PRETRAIN_FIELDS)
 
 
 def add_probe_parser(commands: argparse._SubParsersAction) -> None:

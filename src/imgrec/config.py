@@ -98,6 +98,11 @@ class LoopConfig:
     loader: str = "fast"  # fast: decode-and-crop, uint8 all the way; standard: full decode + PIL transforms
     steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke tests, benchmarks)
     tensorboard: bool = True  # event files under RUN/tensorboard when tensorboard is installed
+    checkpoint_every: int | None = None  # optimizer steps between mid-epoch checkpoints (every epoch's end always saves)
+    checkpoint_minutes: float = 15.0  # minutes between mid-epoch checkpoints (0 = only by steps and at epochs' ends)
+    max_bad_steps: int = 10  # steps in a row whose loss is not finite (each skipped) before the run stops
+    deterministic: bool = False  # PyTorch's deterministic algorithms: a resumed run bitwise equal to a straight one
+    sync_bn: bool = False  # synchronise batch-norm statistics across ranks (DDP on GPUs)
     data_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,8 +114,11 @@ class LoopConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
+        for name in ("steps_per_epoch", "checkpoint_every", "max_bad_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_minutes < 0:
+            raise ValueError(f"checkpoint_minutes must be 0 (off) or positive, got {self.checkpoint_minutes}")
         known = {f.name for f in dataclasses.fields(DataConfig)}
         unknown = sorted(set(self.data_config) - known)
         if unknown:

@@ -10,12 +10,13 @@ data rather than with a few files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,10 @@ class SkipLog:
 
     def compact(self) -> None:
         """Rewrite the file with one line per bad file; only while no worker is writing to it."""
-        entries = self.entries()
+        self.write(self.entries())
+
+    def write(self, entries: dict[str, str]) -> None:
+        """Replace the file by ``entries`` ({path: reason}), one line each; only while no worker writes to it."""
         if entries:
             text = "".join(json.dumps({"path": path, "reason": reason}) + "\n" for path, reason in entries.items())
             atomic_write(self.path, lambda f: f.write(text.encode("utf-8")))
@@ -139,7 +143,14 @@ class ImageFolderDataset:
     ``transform`` receives an RGB PIL image (the presets in ``imgrec.data.transforms`` return
     uint8 CHW tensors). A file that cannot be decoded is recorded in ``skip_log`` and replaced by
     the next good sample in index order, so every index always yields a sample.
+
+    The random augmentation of sample ``index`` in epoch ``epoch`` (``set_epoch``) draws from a
+    torch generator seeded by (``seed``, epoch, index) alone, not from a loader worker's stream:
+    the same crop whichever worker, rank or resumed run reads it.
     """
+
+    seed = 0  # the run's seed (load_splits sets the training set's); with the epoch, it fixes every augmentation
+    epoch = 0
 
     def __init__(
         self,
@@ -168,10 +179,14 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def load(self, index: int) -> tuple[Any, int]:
         """Decode and transform sample ``index``; raises ``BadImageError`` if its file is bad."""
         path, label = self.samples[index]
-        return load_sample(path, self.transform, self.max_pixels), label
+        with seeded_augmentation(self.seed, self.epoch, index):
+            return load_sample(path, self.transform, self.max_pixels), label
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         """Sample ``index``; a bad file is replaced by the next good sample (training), or gives
@@ -206,6 +221,25 @@ class ImageFolderDataset:
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+@contextlib.contextmanager
+def seeded_augmentation(*key: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded by ``key`` (seed, epoch, sample...), and
+    give the caller's generator back unchanged afterwards (a loader without workers draws its
+    samples in the training process, whose own random stream must not move)."""
+    import torch  # here, not at the top: `imgrec verify` and the CLI's start need no torch
+
+    seed = 0
+    for part in key:
+        seed = (seed * 1_000_003 + int(part)) % 2**63
+    generator = torch.default_generator  # torch.manual_seed would also seed every accelerator: 100x slower
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
 
 
 @dataclass
@@ -274,6 +308,7 @@ def load_splits(
     train_classes, val_classes = find_classes(train_dir), find_classes(val_dir)
     check_same_classes(train_classes, val_classes, root)
     train = ImageFolderDataset(train_dir, train_transform, classes=train_classes, **dataset_options)
+    train.seed = seed
     val = ImageFolderDataset(val_dir, eval_transform, classes=train_classes, **dataset_options)
     return DatasetSplits(train=train, val=val)
 

@@ -8,7 +8,14 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from imgrec.data.sampler import EpochSampler
+from imgrec.data.shards import distributed_rank_world
 from imgrec.utils import available_cpus
+
+
+def default_workers() -> int:
+    """Loader workers per process: the cores, shared among the processes torchrun started on this machine."""
+    return max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def create_loader(
@@ -26,12 +33,13 @@ def create_loader(
 ) -> DataLoader:
     """A DataLoader yielding (uint8 images [B, 3, H, W], int64 labels [B]).
 
-    ``train`` shuffles (with a generator fixed by ``seed``; an iterable dataset of shards
-    shuffles itself) and drops the last partial batch so
-    that every step sees ``batch_size`` images; evaluation keeps every image in order.
-    Persistent workers (the default for training) save the workers' start-up each epoch; the
-    training loop turns them off so that re-seeding ``loader.generator`` before each epoch fixes
-    that epoch's order and augmentation, whatever epoch a resumed run starts at.
+    ``train`` reads a folder dataset in the order of an ``EpochSampler`` (a permutation fixed by
+    ``seed`` and the epoch, this rank's share of it under torch.distributed; an iterable dataset
+    of shards shuffles and splits itself) and drops the last partial batch so that every step
+    sees ``batch_size`` images; evaluation keeps every image in order (under torch.distributed,
+    each rank a disjoint share: every image is read once). Persistent workers (the default for
+    training) save the workers' start-up each epoch; the training loop turns them off so that
+    each epoch's ``set_epoch`` reaches the workers.
 
     ``low_priority_workers`` is for training on the CPU, where the workers share the cores with
     the model's compute threads: a worker that preempts one of them stalls every thread at the
@@ -41,13 +49,17 @@ def create_loader(
     ``channels_last`` stacks the batch in NHWC memory in the worker, so that the training
     process gets the memory layout the model wants without a copy of its own.
     """
-    workers = available_cpus() if num_workers is None else num_workers
-    iterable = isinstance(dataset, IterableDataset)  # shards: the dataset shuffles and splits itself
+    workers = default_workers() if num_workers is None else num_workers
+    sampler = None
+    if not isinstance(dataset, IterableDataset):  # shards shuffle and split themselves
+        rank, world = distributed_rank_world()
+        if train or world > 1:
+            sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world=world, shuffle=train, drop_last=train)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and not iterable,
+        sampler=sampler,
         drop_last=train and len(dataset) >= batch_size,
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

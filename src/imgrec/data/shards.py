@@ -34,7 +34,7 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, EncodedImage, load_sample
-from imgrec.data.folder import DatasetError, SkipLog
+from imgrec.data.folder import DatasetError, SkipLog, seeded_augmentation
 
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_NAME_RE = re.compile(r"shard-\d{6}\.tar")
@@ -216,6 +216,7 @@ class ShardDataset(IterableDataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.transform = transform
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.skipped_batches, self.batch_size = 0, 1
         self.max_pixels = max_pixels
         self.skip_log = skip_log if skip_log is not None else SkipLog()
 
@@ -240,7 +241,7 @@ class ShardDataset(IterableDataset):
         return (list(class_lists.pop()) if class_lists else None), samples
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.skipped_batches = epoch, 0
 
     def __len__(self) -> int:
         return self.length
@@ -290,10 +291,22 @@ class ShardDataset(IterableDataset):
             samples = islice(read_shards(shards, self._skip_shard), split, None, splits)
         if self.shuffle > 0:
             samples = shuffle_buffer(samples, self.shuffle, _rng("samples", self.seed, self.epoch, split))
-        for sample in samples:
-            item = self._load(sample)
+        workers = splits // distributed_rank_world()[1]
+        skip = len(range(split % workers, self.skipped_batches, workers)) * self.batch_size
+        for position, sample in enumerate(samples):
+            if position < skip:  # read before a mid-epoch resume: left out undecoded
+                continue
+            with seeded_augmentation(self.seed, self.epoch, split, position):
+                item = self._load(sample)
             if item is not None:
                 yield item
+
+    def skip(self, batches: int, batch_size: int) -> None:
+        """Leave out, this epoch, the samples of the first ``batches`` batches this rank's loader
+        gave before a mid-epoch resume. The loader takes batch i from worker i mod W, so each
+        worker skips its own share, counted in samples read: exact unless some of those were
+        unreadable (then a few samples are read twice or not at all; the epoch goes on)."""
+        self.skipped_batches, self.batch_size = batches, batch_size
 
     def _skip_shard(self, url: str, exc: Exception) -> None:
         self.skip_log.record(url, f"unreadable shard, the rest of it skipped: {type(exc).__name__}: {exc}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -65,10 +66,19 @@ def flush_denormals(device: torch.device) -> None:
         torch.set_flush_denormal(True)
 
 
+def make_deterministic() -> None:
+    """PyTorch's deterministic algorithms (an op without one raises), cuDNN without autotuning, and
+    cuBLAS in its reproducible workspace mode: the same inputs give the same bits, run after run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to the precision's dtype on the device; nothing for fp32."""
     dtype = DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-__all__ = ["DTYPES", "autocast", "cpu_has_native_bf16", "flush_denormals", "resolve_device", "resolve_precision"]
+__all__ = ["DTYPES", "autocast", "cpu_has_native_bf16", "flush_denormals", "make_deterministic", "resolve_device", "resolve_precision"]

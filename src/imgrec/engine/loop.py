@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,11 +24,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from imgrec.checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
+from imgrec.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint, set_rng_state
 from imgrec.config import from_dict
-from imgrec.utils import atomic_write
+from imgrec.data.sampler import EpochSampler
+from imgrec.engine import distributed
+from imgrec.engine.resume import TrainingInterrupted, step_flags
 
-METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 
 C = TypeVar("C")
@@ -40,9 +41,16 @@ def start_or_resume(
     """(config, checkpoint or None) for a new run, or for ``resume=RUN`` continuing RUN's own config.
 
     On resume, ``overrides`` (epochs, device, workers...) and ``fixed`` go over the checkpoint's
-    config. A new run must have data (``no_data`` is the message otherwise) and an ``out`` that
-    holds no run yet.
+    config. ``resume="auto"`` continues the run in ``config.out`` when it has a checkpoint and
+    starts ``config`` there otherwise: the same command line serves the first start and every
+    restart (torchrun --max-restarts). A new run must have data (``no_data`` is the message
+    otherwise) and an ``out`` that holds no run yet.
     """
+    if resume == "auto":
+        start = config if config is not None else cls(**overrides)
+        if not (Path(start.out) / CHECKPOINT_NAME).exists():
+            return start_or_resume(cls, start, None, {} if config is None else overrides, no_data=no_data, fixed=fixed)
+        resume, config = start.out, None
     checkpoint = None
     if resume is not None:
         if config is not None:
@@ -57,31 +65,34 @@ def start_or_resume(
     if not config.data:
         raise ValueError(no_data)
     if checkpoint is None and any((Path(config.out) / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME)):
-        raise ValueError(f"{config.out} already holds a training run: continue it with --resume {config.out}, or pick another --out")
+        raise ValueError(
+            f"{config.out} already holds a training run: continue it with --resume {config.out} (or --resume auto), or pick another --out"
+        )
     return config, checkpoint
 
 
 def begin_epoch(run: Any, epoch: int) -> None:
-    """Fix epoch ``epoch``'s randomness from (seed, epoch): the main process's RNGs, the loader's
-    shuffle and its workers' augmentation (workers are not persistent), a shard set's order. So an
-    epoch draws the same randomness whether the run went straight through or was resumed."""
-    seed = run.config.seed * 100_003 + epoch
+    """Fix epoch ``epoch``'s randomness from (seed, epoch, rank): the process's RNGs, the folder
+    sampler's permutation, each image's augmentation, a shard set's order. So an epoch draws the
+    same randomness whether the run went straight through or was resumed.
+
+    A run resumed in the middle of the epoch (``run.step`` steps done) skips the batches it read
+    before and takes the RNG state its checkpoint saved (``run.resume_rng``).
+    """
+    seed = run.config.seed * 100_003 + epoch + 1_000_000_007 * distributed.rank()
     seed_everything(seed)
-    run.train_loader.generator.manual_seed(seed)
-    if hasattr(run.train_loader.dataset, "set_epoch"):  # shards: the shard order and shuffle buffer
-        run.train_loader.dataset.set_epoch(epoch)
-
-
-def restore_training_state(run: Any, checkpoint: dict[str, Any]) -> None:
-    """Optimizer, schedule, grad scaler, epoch and RNG states of ``checkpoint`` into ``run`` (the
-    weights are the caller's); metrics.jsonl rows logged after the checkpoint are dropped."""
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
-    apply_schedule(run.optimizer, run.scheduler)
-    run.epoch = checkpoint["epoch"]
-    set_rng_state(checkpoint["rng"])
-    drop_rows_after(run.out / METRICS_NAME, run.epoch)
+    loader = run.train_loader
+    loader.generator.manual_seed(seed)
+    for part in (loader.sampler, loader.dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+    if run.step:
+        batches = run.step * run.config.accum_steps
+        if isinstance(loader.sampler, EpochSampler):
+            loader.sampler.skip(batches * loader.batch_size)
+        else:
+            loader.dataset.skip(batches, loader.batch_size)
+        set_rng_state(run.resume_rng)
 
 
 def write_metrics(out: Path, writer: Any, row: dict[str, Any]) -> None:
@@ -103,57 +114,105 @@ def run_epoch(
     *,
     module: torch.nn.Module,
 ) -> dict[str, float]:
-    """One pass of ``run.steps_per_epoch`` optimizer steps; returns mean loss, last peak lr and images/s.
+    """The optimizer steps of epoch ``epoch`` from ``run.step`` on; returns mean loss, last peak lr
+    and images/s (over every rank).
 
     ``batch_loss(batch)`` gives (loss, images in the batch); gradients accumulate over
-    ``accum_steps`` batches, are clipped to ``clip_grad`` (over ``module``'s parameters, in its
-    order) if the config has one, and each
-    optimizer step advances the schedule, then calls ``after_step(global step)``. ``run``
-    provides config, device, precision's scaler, optimizer, scheduler, train_loader,
-    steps_per_epoch, console and skip_log.
+    ``accum_steps`` batches (DDP syncs only on the last), are clipped to ``clip_grad`` (over
+    ``module``'s parameters, in its order) if the config has one, and each optimizer step
+    advances the schedule, then calls ``after_step(global step)``.
+
+    Between steps the ranks agree (one small all-reduce) on three things: a loss that is not
+    finite on any rank skips the step (counted; ``max_bad_steps`` in a row stop the run, the last
+    checkpoint untouched); a checkpoint is due (``checkpoint_every`` steps or
+    ``checkpoint_minutes``); a stop signal arrived (checkpoint, then ``TrainingInterrupted``).
+    ``run`` provides config, device, scaler, optimizer, scheduler, train_loader, forward,
+    steps_per_epoch, console, signals, step, partial (the epoch's sums so far) and save_checkpoint.
     """
     config = run.config
     clip_grad = getattr(config, "clip_grad", None)
-    batches = run.steps_per_epoch * config.accum_steps
+    accum = config.accum_steps
+    batches = run.steps_per_epoch * accum
+    partial = run.partial or {}
+    loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=run.device)
+    done, images, seconds_before = partial.get("batches", 0), partial.get("images", 0), partial.get("seconds", 0.0)
+    step_loss, finite = torch.zeros((), device=run.device), torch.ones((), dtype=torch.bool, device=run.device)
+    must_agree_on_end = distributed.world_size() > 1 and not isinstance(getattr(run.train_loader, "sampler", None), EpochSampler)
+    no_sync = getattr(run.forward, "no_sync", contextlib.nullcontext)
     run.optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=run.device)
-    images = 0
     started = time.perf_counter()
+
+    def remember() -> None:  # the epoch's sums so far, for a mid-epoch checkpoint
+        run.partial = {"loss_sum": loss_sum.item(), "batches": done, "images": images, "seconds": seconds_before + time.perf_counter() - started}
+
     with epoch_progress(run.console, f"epoch {epoch}/{config.epochs}", run.steps_per_epoch) as (progress, task):
+        progress.update(task, completed=run.step)
         loader = iter(run.train_loader)
-        for index in range(batches):
+        for index in range(run.step * accum, batches):
             batch = next(loader, None)
-            if batch is None:  # shards whose bad samples were skipped can end an epoch a batch early
+            ended = batch is None
+            if must_agree_on_end:  # shards: one rank's split may run dry first; all stop together
+                ended = distributed.any_rank(ended, run.device)
+            if ended:  # shards whose bad samples were skipped can end an epoch a batch early
                 batches = index
                 run.optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation is dropped, not carried over
                 break
-            loss, count = batch_loss(batch)
-            run.scaler.scale(loss / config.accum_steps).backward()
-            loss_sum += loss.detach()
+            last = (index + 1) % accum == 0
+            with contextlib.nullcontext() if last else no_sync():
+                loss, count = batch_loss(batch)
+                run.scaler.scale(loss / accum).backward()
+            step_loss += loss.detach()
+            finite &= torch.isfinite(loss.detach())
             images += count
-            if (index + 1) % config.accum_steps:
+            if not last:
                 continue
-            if clip_grad is not None:
-                run.scaler.unscale_(run.optimizer)
-                torch.nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
+            step = (index + 1) // accum
+            due = bool(config.checkpoint_every and ((epoch - 1) * run.steps_per_epoch + step) % config.checkpoint_every == 0)
+            due = due or bool(config.checkpoint_minutes and time.monotonic() - run.last_save > 60 * config.checkpoint_minutes)
+            bad, stop, save = step_flags(~finite, run.signals.requested is not None, due)
+            if bad:
+                run.bad_steps += 1
+                run.skipped_steps += 1
+                run.console.print(f"step {step} of epoch {epoch}: the loss is not finite on some rank; step skipped ({run.bad_steps} in a row)", style="yellow", highlight=False)
+                if run.bad_steps >= config.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{run.bad_steps} steps in a row had a loss that is not finite (epoch {epoch}, step {step}): stopping. "
+                        f"The last good checkpoint is {run.out / CHECKPOINT_NAME}; lower the learning rate, clip gradients (--clip-grad) "
+                        f"or use --precision fp32, then --resume it"
+                    )
+            else:
+                run.bad_steps = 0
+                if clip_grad is not None:
+                    run.scaler.unscale_(run.optimizer)
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+                loss_sum += step_loss
+                done += accum
             run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
-            step = (index + 1) // config.accum_steps
-            if after_step is not None:
+            run.scheduler.step()  # a skipped step still spends its batches: the schedule follows the data
+            step_loss.zero_()
+            finite.fill_(True)
+            if after_step is not None and not bad:
                 after_step((epoch - 1) * run.steps_per_epoch + step)
+            run.step = step
             if step % 10 == 0 or step == run.steps_per_epoch:  # reading the loss waits for the device
-                rate = images / (time.perf_counter() - started)
-                progress.update(task, completed=step, loss=f"{loss_sum.item() / (index + 1):.4f}", lr=f"{peak_lr(run.optimizer):.3g}", rate=f"{rate:.0f}")
+                rate = images / (seconds_before + time.perf_counter() - started)
+                mean = f"{loss_sum.item() / done:.4f}" if done else "-"
+                progress.update(task, completed=step, loss=mean, lr=f"{peak_lr(run.optimizer):.3g}", rate=f"{rate:.0f}")
+            if stop or (save and step < run.steps_per_epoch):  # the epoch's end saves anyway
+                remember()
+                run.save_checkpoint()
+            if stop:
+                raise TrainingInterrupted(run.signals.requested or signal.SIGTERM, run.out, run.epoch, step)
         del loader
-    seconds = time.perf_counter() - started
-    if batches == 0:
-        raise ValueError(f"epoch {epoch} had no training batch: every training image was unreadable? See {run.skip_log.path}")
-    loss = loss_sum.item() / batches
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"the training loss became {loss} in epoch {epoch}: lower the learning rate or use --precision fp32")
-    return {"loss": loss, "lr": peak_lr(run.optimizer), "images_per_s": images / seconds}
+    totals = distributed.all_reduce(torch.tensor([loss_sum.item(), float(done), float(images)], dtype=torch.float64, device=run.device))
+    loss_total, done_total, images_total = totals.tolist()
+    seconds = seconds_before + time.perf_counter() - started
+    run.partial = {}
+    if batches == 0 or done_total == 0:
+        raise ValueError(f"epoch {epoch} had no training batch with a finite loss: every training image unreadable? See {run.skip_log.path}")
+    return {"loss": loss_total / done_total, "lr": peak_lr(run.optimizer), "images_per_s": images_total / seconds}
 
 
 def steps_per_epoch(dataset: Any, loader: torch.utils.data.DataLoader, config: Any) -> int:
@@ -175,22 +234,6 @@ def steps_per_epoch(dataset: Any, loader: torch.utils.data.DataLoader, config: A
     return min(steps, config.steps_per_epoch) if config.steps_per_epoch is not None else steps
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
-    """Set every group's rate from ``scheduler``'s position: after a resume, the schedule of this
-    run (its epochs may have been raised) applies from the first resumed step."""
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-def drop_rows_after(metrics: Path, epoch: int) -> None:
-    """Remove metrics.jsonl rows of epochs after ``epoch`` (logged, then the run died before its checkpoint)."""
-    if metrics.exists():
-        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = "".join(line + "\n" for line in rows if json.loads(line)["epoch"] <= epoch)
-        atomic_write(metrics, lambda f: f.write(kept.encode("utf-8")))
-
-
 def peak_lr(optimizer: torch.optim.Optimizer) -> float:
     """The largest group rate (with layer decay the head's; the other groups are scaled down)."""
     return max(group["lr"] for group in optimizer.param_groups)
@@ -210,6 +253,12 @@ def epoch_progress(console: Console, description: str, total: int) -> Iterator[t
     )
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         yield progress, progress.add_task(description, total=total, loss="-", lr="-", rate="-")
+
+
+def ranks_note() -> str:
+    """The words "per rank on N ranks" for the batch in a run's first line under torch.distributed."""
+    world = distributed.world_size()
+    return f" per rank on {world} ranks" if world > 1 else ""
 
 
 def seed_everything(seed: int) -> None:
@@ -244,14 +293,11 @@ def open_tensorboard(out: Path) -> Any:
 __all__ = [
     "CONFIG_NAME",
     "METRICS_NAME",
-    "apply_schedule",
     "begin_epoch",
-    "drop_rows_after",
     "epoch_progress",
     "open_tensorboard",
     "peak_lr",
     "prepare_output_dir",
-    "restore_training_state",
     "run_epoch",
     "seed_everything",
     "start_or_resume",

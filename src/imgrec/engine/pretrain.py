@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,21 +23,22 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from imgrec.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, save_model_dir
+from imgrec.checkpoint import SKIP_LOG_NAME, save_model_dir
 from imgrec.config import PretrainConfig, preprocessing, save_yaml, to_dict
 from imgrec.data.folder import SHARD_SHUFFLE_BUFFER, DatasetError, SkipLog, iter_image_files, load_splits
 from imgrec.data.loader import create_loader
 from imgrec.data.shards import ShardDataset, is_shard_source
 from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config
+from imgrec.engine import distributed
 from imgrec.engine.evaluate import LabelledFiles, classification_metrics, collect_logits
-from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
+from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, make_deterministic, resolve_device, resolve_precision
 from imgrec.engine.knn import knn_scores
 from imgrec.engine.loop import (
     CONFIG_NAME,
     begin_epoch,
     open_tensorboard,
     prepare_output_dir,
-    restore_training_state,
+    ranks_note,
     run_epoch,
     seed_everything,
     start_or_resume,
@@ -44,6 +46,14 @@ from imgrec.engine.loop import (
     write_metrics,
 )
 from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY, cosine_schedule, create_optimizer, scaled_lr
+from imgrec.engine.resume import (
+    TrainingInterrupted,
+    check_free_space,
+    init_loop_state,
+    merge_skip_logs,
+    restore_training_state,
+    save_run_checkpoint,
+)
 from imgrec.engine.train import take_fraction
 from imgrec.models.factory import create_model
 from imgrec.ssl import method_class
@@ -63,10 +73,13 @@ def pretrain(config: PretrainConfig | None = None, *, resume: str | os.PathLike 
     config, checkpoint = start_or_resume(
         PretrainConfig, config, resume, overrides, no_data="no images to pretrain on: pass --data DIR, a folder of images (labels, if any, are ignored)"
     )
-    run = PretrainRun(config, console)
-    if checkpoint is not None:
-        run.restore(checkpoint)
-    return run.fit()
+    with distributed.process_group(config.device) as device:
+        if not distributed.is_main():
+            console = Console(quiet=True)  # rank 0 speaks for the run
+        run = PretrainRun(config, console, device)
+        if checkpoint is not None:
+            run.restore(checkpoint)
+        return run.fit()
 
 
 def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, Any, Any, list[str], str]:
@@ -106,6 +119,7 @@ def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, An
     if not files:
         raise ValueError(f"no images below {root} (.jpg, .jpeg, .png, .webp, ... at any depth)")
     train = LabelledFiles([(str(f), 0) for f in files], ["unlabelled"], root=root, skip_log=skip_log, replace_bad=True, **options)
+    train.seed = config.seed
     return train, None, None, [], note or "no kNN monitor: no labelled val split"
 
 
@@ -124,17 +138,19 @@ def monitor_bank(train: Any, size: int | None, seed: int) -> Any:
 class PretrainRun:
     """The state of one pretraining run; built once, then ``fit`` loops over the epochs."""
 
-    def __init__(self, config: PretrainConfig, console: Console):
+    def __init__(self, config: PretrainConfig, console: Console, device: torch.device | None = None):
         self.console = console
         self.out = prepare_output_dir(config.out)
         seed_everything(config.seed)
-        self.device = resolve_device(config.device)
+        if config.deterministic:
+            make_deterministic()
+        self.device = device if device is not None else resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         flush_denormals(self.device)
         channels_last = config.channels_last if config.channels_last is not None else True
         memory_format = torch.channels_last if channels_last else torch.preserve_format
 
-        self.skip_log = SkipLog(self.out / "skipped.jsonl")
+        self.skip_log = SkipLog(self.out / SKIP_LOG_NAME if distributed.is_main() else None)
         self.train_set, self.bank_set, self.query_set, self.classes, self.monitor_note = pretraining_data(config, self.skip_log)
         backbone = create_model(config.model, num_classes=0)
         self.data_config = dc = resolve_data_config(backbone, **config.data_config)
@@ -147,7 +163,8 @@ class PretrainRun:
         views = [adjust_view(spec, jitter_strength=config.jitter_strength, blur=config.blur) for spec in cls.views]
         self.train_set.transform = MultiViewTransform(dc, views, config.loader)
         self.method.to(self.device, memory_format=memory_format)
-        self.forward = torch.compile(self.method) if config.compile else self.method
+        self.forward = distributed.wrap(self.method, self.device, sync_bn=config.sync_bn)
+        self.forward = torch.compile(self.forward) if config.compile else self.forward
 
         self.train_loader = create_loader(
             self.train_set, batch_size=config.batch_size, train=True, num_workers=config.workers, seed=config.seed,
@@ -167,7 +184,7 @@ class PretrainRun:
         paper = opt == cls.optimizer  # the method's own learning rate and decay go with its own optimizer
         base_lr = config.base_lr if config.base_lr is not None else (cls.base_lr if paper else BASE_LR[opt])
         weight_decay = config.weight_decay if config.weight_decay is not None else (cls.weight_decay if paper else WEIGHT_DECAY[opt])
-        global_batch = config.batch_size * config.accum_steps
+        global_batch = config.batch_size * config.accum_steps * distributed.world_size()
         self.lr = lr = config.lr if config.lr is not None else scaled_lr(opt, global_batch, base_lr)
         self.optimizer = create_optimizer(self.method, opt, lr, weight_decay, config.momentum, lars_trust=config.lars_trust)
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -178,23 +195,38 @@ class PretrainRun:
             config, opt=opt, lr=lr, base_lr=base_lr, weight_decay=weight_decay, data_config=to_dict(dc),
             precision=self.precision, channels_last=channels_last, workers=self.train_loader.num_workers,
         )  # fmt: skip
-        self.epoch = 0
-        self.writer = open_tensorboard(self.out) if config.tensorboard else None
-        save_yaml(self.config, self.out / CONFIG_NAME)
+        init_loop_state(self)
+        self.writer = None
+        if distributed.is_main():
+            check_free_space(self.out, self.method, opt, saved=self.method.backbone)
+            self.writer = open_tensorboard(self.out) if config.tensorboard else None
+            save_yaml(self.config, self.out / CONFIG_NAME)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_state_dict(checkpoint["model"])
         restore_training_state(self, checkpoint)
-        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}", highlight=False)
+        within = f", step {self.step} of epoch {self.epoch + 1}" if self.step else ""
+        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}{within}", highlight=False)
 
     def fit(self) -> Path:
         config = self.config
         monitor = f"kNN monitor on {len(self.query_set)} labelled val images" if self.monitor_loaders else self.monitor_note
         self.console.print(
             f"pretraining {config.model} with {config.method} on {len(self.train_set)} images; {monitor}; {self.device.type}, "
-            f"{self.precision}, {config.opt} batch {config.batch_size}x{config.accum_steps}, peak lr {self.lr:.3g}, {config.epochs} epochs",
+            f"{self.precision}, {config.opt} batch {config.batch_size}x{config.accum_steps}{ranks_note()}, peak lr {self.lr:.3g}, {config.epochs} epochs",
             highlight=False,
         )
+        with self.signals:
+            self.train_epochs()
+        if self.writer is not None:
+            self.writer.close()
+        if self.skipped_files:
+            self.console.print(f"{self.skipped_files} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
+        self.console.print(f"backbone weights: {self.out / BACKBONE_WEIGHTS}", highlight=False)
+        return self.out
+
+    def train_epochs(self) -> None:
+        config = self.config
         while self.epoch < config.epochs:
             epoch = self.epoch + 1
             begin_epoch(self, epoch)
@@ -203,17 +235,16 @@ class PretrainRun:
             if self.monitor_loaders and config.knn_every and (epoch % config.knn_every == 0 or epoch == config.epochs):
                 row.update(self.knn_monitor())
             row["seconds"] = round(time.perf_counter() - started, 3)
-            self.epoch = epoch
-            self.log(row)
-            self.save_backbone(row)
+            if self.skipped_steps:
+                row["skipped_steps"] = self.skipped_steps
+            self.epoch, self.step = epoch, 0
+            if distributed.is_main():
+                self.log(row)
+                self.save_backbone(row)
             self.save_checkpoint()
-            self.skip_log.compact()
-        if self.writer is not None:
-            self.writer.close()
-        if len(self.skip_log):
-            self.console.print(f"{len(self.skip_log)} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
-        self.console.print(f"backbone weights: {self.out / BACKBONE_WEIGHTS}", highlight=False)
-        return self.out
+            merge_skip_logs(self)
+            if distributed.any_rank(self.signals.requested is not None, self.device):
+                raise TrainingInterrupted(self.signals.requested or signal.SIGTERM, self.out, self.epoch, 0)
 
     def knn_monitor(self) -> dict[str, float]:
         """kNN top-1/top-5 (k, temperature from the config) of val against the train bank, in percent."""
@@ -222,12 +253,16 @@ class PretrainRun:
         if not hasattr(self.bank_set, "samples") and self.config.knn_bank_size:  # shards: the first images read
             bank_loader = itertools.islice(bank_loader, math.ceil(self.config.knn_bank_size / bank_loader.batch_size))
         backbone, normalize = self.method.backbone, self.normalize
-        bank, bank_labels = collect_logits(backbone, bank_loader, device=self.device, normalize=normalize, autocast_dtype=dtype)
-        queries, labels = collect_logits(backbone, query_loader, device=self.device, normalize=normalize, autocast_dtype=dtype)
+        # Each rank embeds its share of the bank and the queries; every rank then holds them all.
+        bank, bank_labels, queries, labels = (
+            distributed.gather_rows(t.to(self.device))
+            for t in (*collect_logits(backbone, bank_loader, device=self.device, normalize=normalize, autocast_dtype=dtype),
+                      *collect_logits(backbone, query_loader, device=self.device, normalize=normalize, autocast_dtype=dtype))
+        )  # fmt: skip
         scores = knn_scores(
             bank.to(self.device), bank_labels, queries, len(self.classes), k=self.config.knn_k, temperature=self.config.knn_temperature
         )  # fmt: skip
-        metrics = classification_metrics(scores, labels, self.classes)
+        metrics = classification_metrics(scores.cpu(), labels.cpu(), self.classes)
         return {"knn_top1": metrics["top1"], "knn_top5": metrics["top5"]}
 
     def log(self, row: dict[str, Any]) -> None:
@@ -252,16 +287,7 @@ class PretrainRun:
         save_model_dir(self.out, self.method.backbone_state(), info, weights_name=BACKBONE_WEIGHTS, info_name=BACKBONE_INFO)
 
     def save_checkpoint(self) -> None:
-        state = {
-            "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "rng": rng_state(),
-            "config": to_dict(self.config),
-        }
-        save_checkpoint(self.out / CHECKPOINT_NAME, state)
+        save_run_checkpoint(self, {"model": self.method.state_dict()})
 
 
 def pretrain_one_epoch(run: PretrainRun, epoch: int) -> dict[str, float]:

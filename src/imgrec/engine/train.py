@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,24 +23,20 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from imgrec.checkpoint import (
-    CHECKPOINT_NAME,
-    rng_state,
-    save_checkpoint,
-    save_model_dir,
-)
+from imgrec.checkpoint import SKIP_LOG_NAME, save_model_dir
 from imgrec.config import PREPROCESSING, TrainConfig, preprocessing, save_yaml, to_dict
 from imgrec.data.folder import SkipLog, class_balanced_subset, load_splits, read_class_names, write_class_index
 from imgrec.data.loader import create_loader
 from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config, train_transform
+from imgrec.engine import distributed
 from imgrec.engine.evaluate import classification_metrics, collect_logits
-from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, resolve_device, resolve_precision
+from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, make_deterministic, resolve_device, resolve_precision
 from imgrec.engine.loop import (
     CONFIG_NAME,
     begin_epoch,
     open_tensorboard,
     prepare_output_dir,
-    restore_training_state,
+    ranks_note,
     run_epoch,
     seed_everything,
     start_or_resume,
@@ -47,6 +44,14 @@ from imgrec.engine.loop import (
     write_metrics,
 )
 from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
+from imgrec.engine.resume import (
+    TrainingInterrupted,
+    check_free_space,
+    init_loop_state,
+    merge_skip_logs,
+    restore_training_state,
+    save_run_checkpoint,
+)
 from imgrec.models.factory import create_model, resolve_weights
 
 
@@ -62,25 +67,30 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         TrainConfig, config, resume, overrides, fixed={"pretrained": None},
         no_data="no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/",
     )  # fmt: skip
-    run = Run(config, console, resume_classes=checkpoint["classes"] if checkpoint is not None else None)
-    if checkpoint is not None:
-        run.restore(checkpoint)
-    return run.fit()
+    with distributed.process_group(config.device) as device:
+        if not distributed.is_main():
+            console = Console(quiet=True)  # rank 0 speaks for the run
+        run = Run(config, console, device, resume_classes=checkpoint["classes"] if checkpoint is not None else None)
+        if checkpoint is not None:
+            run.restore(checkpoint)
+        return run.fit()
 
 
 class Run:
     """The state of one training run; built once, then ``fit`` loops over the epochs."""
 
-    def __init__(self, config: TrainConfig, console: Console, resume_classes: list[str] | None = None):
+    def __init__(self, config: TrainConfig, console: Console, device: torch.device | None = None, resume_classes: list[str] | None = None):
         self.console = console
         self.out = prepare_output_dir(config.out)
         seed_everything(config.seed)
-        self.device = resolve_device(config.device)
+        if config.deterministic:
+            make_deterministic()
+        self.device = device if device is not None else resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         flush_denormals(self.device)
         channels_last = config.channels_last if config.channels_last is not None else True
 
-        self.skip_log = SkipLog(self.out / "skipped.jsonl")
+        self.skip_log = SkipLog(self.out / SKIP_LOG_NAME if distributed.is_main() else None)
         dataset_options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
         self.splits = load_splits(config.data, val_root=config.val_data, seed=config.seed, skip_log=self.skip_log, **dataset_options)
         self.class_names = read_class_names(config.data)
@@ -93,7 +103,8 @@ class Run:
         self.splits.val.replace_bad = False  # validation counts each readable image once
         if config.train_fraction < 1:
             take_fraction(self.splits.train, config.train_fraction, config.seed)
-        write_class_index(self.out / "classes.json", self.classes)
+        if distributed.is_main():
+            write_class_index(self.out / "classes.json", self.classes)
 
         model_kwargs = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
         weights_info = pretrained_info(config.pretrained, config.model)
@@ -108,7 +119,10 @@ class Run:
         if config.freeze_backbone:
             freeze_backbone(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = distributed.wrap(self.model, self.device, sync_bn=config.sync_bn)
+        # Evaluation runs outside DDP: the ranks' shares of val/ may differ by a batch.
+        self.eval_forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = torch.compile(self.forward) if config.compile else self.forward
 
         if config.mixup or config.cutmix:
             if config.batch_size % 2 or (len(self.splits.train) < config.batch_size and len(self.splits.train) % 2):
@@ -131,7 +145,7 @@ class Run:
         )
         self.steps_per_epoch = steps_per_epoch(self.splits.train, self.train_loader, config)
 
-        global_batch = config.batch_size * config.accum_steps
+        global_batch = config.batch_size * config.accum_steps * distributed.world_size()
         self.lr = lr = config.lr if config.lr is not None else scaled_lr(config.opt, global_batch, config.base_lr)
         self.optimizer = create_optimizer(self.model, config.opt, lr, config.weight_decay, config.momentum, config.layer_decay)
         total = config.epochs * self.steps_per_epoch
@@ -162,10 +176,13 @@ class Run:
             channels_last=channels_last,
             workers=self.train_loader.num_workers,
         )
-        self.epoch = 0  # epochs completed
+        init_loop_state(self)
         self.best = {"top1": -1.0}
-        self.writer = open_tensorboard(self.out) if config.tensorboard else None
-        save_yaml(self.config, self.out / CONFIG_NAME)
+        self.writer = None
+        if distributed.is_main():
+            check_free_space(self.out, self.model, config.opt, saved=self.model, ema=self.ema is not None)
+            self.writer = open_tensorboard(self.out) if config.tensorboard else None
+            save_yaml(self.config, self.out / CONFIG_NAME)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -173,16 +190,30 @@ class Run:
             self.ema.module.load_state_dict(checkpoint["ema"])
         restore_training_state(self, checkpoint)
         self.best = checkpoint["best"]
-        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}", highlight=False)
+        within = f", step {self.step} of epoch {self.epoch + 1}" if self.step else ""
+        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}{within}", highlight=False)
 
     def fit(self) -> Path:
         config = self.config
         self.console.print(
             f"training {config.model} on {len(self.splits.train)} images ({len(self.classes)} classes), "
             f"validating on {len(self.splits.val)}; {self.device.type}, {self.precision}, "
-            f"batch {config.batch_size}x{config.accum_steps}, peak lr {self.lr:.3g}, {config.epochs} epochs",
+            f"batch {config.batch_size}x{config.accum_steps}{ranks_note()}, peak lr {self.lr:.3g}, {config.epochs} epochs",
             highlight=False,
         )
+        with self.signals:
+            self.train_epochs()
+        if self.writer is not None:
+            self.writer.close()
+        if self.skipped_files:
+            self.console.print(f"{self.skipped_files} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
+        self.console.print(
+            f"best val top-1 {self.best['top1']:.2f}% (epoch {self.best.get('epoch')}); model directory: {self.out}", highlight=False
+        )
+        return self.out
+
+    def train_epochs(self) -> None:
+        config = self.config
         while self.epoch < config.epochs:
             epoch = self.epoch + 1
             begin_epoch(self, epoch)
@@ -198,34 +229,34 @@ class Run:
                 "lr": stats["lr"],
                 "seconds": round(time.perf_counter() - started, 3),
                 "images_per_s": round(stats["images_per_s"], 2),
+                "val_images": metrics["count"],
             }
+            if self.skipped_steps:
+                row["skipped_steps"] = self.skipped_steps
             candidates = [("model", metrics["top1"], metrics["top5"])]
             if self.ema is not None:
                 ema_metrics = self.validate(self.ema.module)
                 row["ema_top1"] = ema_metrics["top1"]
                 candidates.append(("ema", ema_metrics["top1"], ema_metrics["top5"]))
-            self.epoch = epoch
-            self.log(row)
+            self.epoch, self.step = epoch, 0
             source, top1, top5 = max(candidates, key=lambda c: c[1])
-            if top1 > self.best["top1"]:
+            improved = top1 > self.best["top1"]
+            if improved:
                 self.best = {"top1": top1, "top5": top5, "epoch": epoch, "weights": source}
-                self.save_model_dir()
+            if distributed.is_main():
+                self.log(row)
+                if improved:
+                    self.save_model_dir()
             self.save_checkpoint()
-            self.skip_log.compact()  # workers are gone between epochs: one line per bad file
-        if self.writer is not None:
-            self.writer.close()
-        bad = len(self.skip_log)
-        if bad:
-            self.console.print(f"{bad} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
-        self.console.print(
-            f"best val top-1 {self.best['top1']:.2f}% (epoch {self.best.get('epoch')}); model directory: {self.out}", highlight=False
-        )
-        return self.out
+            merge_skip_logs(self)  # workers are gone between epochs: one line per bad file, from every rank
+            if distributed.any_rank(self.signals.requested is not None, self.device):
+                raise TrainingInterrupted(self.signals.requested or signal.SIGTERM, self.out, self.epoch, 0)
 
     def validate(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
-        model = model if model is not None else self.forward
+        model = model if model is not None else self.eval_forward
         logits, labels = collect_logits(model, self.val_loader, device=self.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[self.precision])
-        return classification_metrics(logits, labels, self.classes)
+        logits, labels = distributed.gather_rows(logits.to(self.device)).cpu(), distributed.gather_rows(labels.to(self.device)).cpu()  # each rank scored its share
+        return {**classification_metrics(logits, labels, self.classes), "count": len(labels)}
 
     def log(self, row: dict[str, Any]) -> None:
         write_metrics(self.out, self.writer, row)
@@ -257,17 +288,11 @@ class Run:
     def save_checkpoint(self) -> None:
         state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "epoch": self.epoch,
             "best": self.best,
-            "rng": rng_state(),
-            "config": to_dict(self.config),
             "classes": self.classes,
         }
-        save_checkpoint(self.out / CHECKPOINT_NAME, state)
+        save_run_checkpoint(self, state)
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
