@@ -57,8 +57,30 @@ def setup(device: str) -> torch.device:
         torch.cuda.set_device(resolved)
     if not is_distributed():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), device_id=resolved if resolved.type == "cuda" else None)
+        dist.init_process_group(
+            backend, store=rendezvous_store(world), rank=int(os.environ["RANK"]), world_size=world,
+            timeout=TIMEOUT, device_id=resolved if resolved.type == "cuda" else None,
+        )  # fmt: skip
     return resolved
+
+
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def rendezvous_store(world: int) -> dist.Store:
+    """torchrun's key-value store, seen through a prefix of its restart round.
+
+    After ``torchrun --max-restarts`` restarts the workers, the store of the agent can still hold
+    the previous round's entries, and a new rank may read a dead peer's address from it: gloo
+    then fails to connect or hangs. A prefix per round (TORCHELASTIC_RESTART_COUNT) makes every
+    round meet only its own peers.
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=not agent_hosts_it and int(os.environ["RANK"]) == 0, timeout=TIMEOUT,
+    )  # fmt: skip
+    return dist.PrefixStore(f"imgrec/round-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:
