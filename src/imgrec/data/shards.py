@@ -284,6 +284,9 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         split, splits = self._split()
+        workers = splits // distributed_rank_world()[1]
+        if self.skipped_batches:  # see ``skip``: this worker continues the stream of worker (id + skipped) mod W
+            split = split - split % workers + (split % workers + self.skipped_batches) % workers
         shards = self.epoch_shards(self.epoch)
         if len(shards) >= splits:
             samples: Iterable[dict[str, Any]] = read_shards(shards[split::splits], self._skip_shard)
@@ -291,7 +294,6 @@ class ShardDataset(IterableDataset):
             samples = islice(read_shards(shards, self._skip_shard), split, None, splits)
         if self.shuffle > 0:
             samples = shuffle_buffer(samples, self.shuffle, _rng("samples", self.seed, self.epoch, split))
-        workers = splits // distributed_rank_world()[1]
         skip = len(range(split % workers, self.skipped_batches, workers)) * self.batch_size
         for position, sample in enumerate(samples):
             if position < skip:  # read before a mid-epoch resume: left out undecoded
@@ -303,9 +305,11 @@ class ShardDataset(IterableDataset):
 
     def skip(self, batches: int, batch_size: int) -> None:
         """Leave out, this epoch, the samples of the first ``batches`` batches this rank's loader
-        gave before a mid-epoch resume. The loader takes batch i from worker i mod W, so each
-        worker skips its own share, counted in samples read: exact unless some of those were
-        unreadable (then a few samples are read twice or not at all; the epoch goes on)."""
+        gave before a mid-epoch resume. The loader takes batch i from worker i mod W, starting
+        with worker 0: so a resumed worker w reads the stream of worker (w + batches) mod W, and
+        each skips its own share, counted in samples read. Exact unless some of those samples
+        were unreadable or a worker's split ran dry before the resume point (then a few samples
+        are read twice or not at all; the epoch goes on)."""
         self.skipped_batches, self.batch_size = batches, batch_size
 
     def _skip_shard(self, url: str, exc: Exception) -> None:

@@ -49,6 +49,8 @@ def start_or_resume(
     if resume == "auto":
         start = config if config is not None else cls(**overrides)
         if not (Path(start.out) / CHECKPOINT_NAME).exists():
+            # Killed before its first checkpoint: nothing to continue, so start over (rows it logged go).
+            (Path(start.out) / METRICS_NAME).unlink(missing_ok=True)
             return start_or_resume(cls, start, None, {} if config is None else overrides, no_data=no_data, fixed=fixed)
         resume, config = start.out, None
     checkpoint = None
@@ -268,14 +270,15 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output_dir(out: str | os.PathLike) -> Path:
-    """Create ``out`` and prove it writable now, not after the first epoch."""
+    """Create ``out`` and prove it writable now, not after the first epoch (every rank: each may
+    have its own disk); rank 0 clears the temporary files of writes cut short by a kill."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"imgrec" * 1024)
         probe.unlink()
-        for stale in out.glob(".*.tmp-*"):  # a checkpoint write cut short by a kill: never read, only space
+        for stale in out.glob(".*.tmp-*") if distributed.is_main() else ():  # a checkpoint write cut short by a kill: never read, only space
             stale.unlink()
     except OSError as exc:
         raise ValueError(f"cannot write to the output folder {out}: {exc.strerror or exc}. Pick another --out or fix its permissions.") from None

@@ -243,7 +243,7 @@ class PretrainRun:
                 self.save_backbone(row)
             self.save_checkpoint()
             merge_skip_logs(self)
-            if distributed.any_rank(self.signals.requested is not None, self.device):
+            if distributed.any_rank(self.signals.requested is not None, self.device) and self.epoch < config.epochs:
                 raise TrainingInterrupted(self.signals.requested or signal.SIGTERM, self.out, self.epoch, 0)
 
     def knn_monitor(self) -> dict[str, float]:

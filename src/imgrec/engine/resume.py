@@ -31,6 +31,8 @@ from imgrec.config import to_dict
 from imgrec.engine import distributed
 from imgrec.utils import atomic_write
 
+# What a resumed run writes over: room it already has.
+REPLACED_FILES = (CHECKPOINT_NAME, "model.safetensors", "backbone.safetensors")
 # Optimizer state per parameter, in parameter-sized tensors: AdamW's two moments, SGD's and LARS's momentum.
 OPTIMIZER_COPIES = {"adamw": 2, "sgd": 1, "lars": 1}
 
@@ -104,6 +106,8 @@ def save_run_checkpoint(run: Any, state: dict[str, Any]) -> bool:
         "scaler": run.scaler.state_dict(),
         "epoch": run.epoch,
         "step": run.step,
+        "skipped_steps": run.skipped_steps,
+        "bad_steps": run.bad_steps,
         "rng": ranks[0]["rng"],
         "ranks": ranks,  # every rank's RNG states and its sums of the epoch so far
         "world_size": distributed.world_size(),
@@ -136,6 +140,7 @@ def restore_training_state(run: Any, checkpoint: dict[str, Any]) -> None:
     apply_schedule(run.optimizer, run.scheduler)
     run.epoch = checkpoint["epoch"]
     run.step = checkpoint.get("step", 0)
+    run.skipped_steps, run.bad_steps = checkpoint.get("skipped_steps", 0), checkpoint.get("bad_steps", 0)
     world, saved_world = distributed.world_size(), checkpoint.get("world_size", 1)
     if run.step and world != saved_world:
         raise ValueError(
@@ -181,10 +186,13 @@ def state_bytes(module: torch.nn.Module) -> int:
 def check_free_space(out: Path, module: torch.nn.Module, optimizer: str, *, saved: torch.nn.Module, ema: bool = False) -> None:
     """Refuse to start when ``out`` cannot hold a checkpoint of ``module`` (weights, the optimizer's
     per-parameter state, an EMA copy) being written beside the previous one, plus the weights of
-    ``saved`` (the model directory): better now than after the first hours of training."""
-    checkpoint = state_bytes(module) * (1 + OPTIMIZER_COPIES.get(optimizer, 2) + int(ema))
-    needed = 2 * checkpoint + state_bytes(saved)
-    free = shutil.disk_usage(out).free
+    ``saved`` (the model directory): better now than after the first hours of training. The
+    estimate has a 10% margin for what torch.save adds; files a resumed run will replace
+    (its checkpoint, its weights) count as room."""
+    checkpoint = int(1.1 * state_bytes(module) * (1 + OPTIMIZER_COPIES.get(optimizer, 2) + int(ema)))
+    needed = 2 * checkpoint + int(1.1 * state_bytes(saved))
+    replaced = sum(path.stat().st_size for path in out.glob("*") if path.name in REPLACED_FILES and path.is_file())
+    free = shutil.disk_usage(out).free + replaced
     if free < needed:
         raise ValueError(
             f"the output folder {out} has {free / 2**20:.1f} MiB free; the run needs about {needed / 2**20:.1f} MiB "

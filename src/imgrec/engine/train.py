@@ -4,11 +4,12 @@ Read it top to bottom: ``train`` builds the run (data, model, optimiser, schedul
 then each epoch calls ``train_one_epoch`` and ``validate``, appends a line to metrics.jsonl,
 saves the model directory when val top-1 improves and writes ``last.pt`` atomically.
 
-Exact resume: every epoch starts by re-seeding the loader's generator (which fixes the shuffle
-order and the workers' augmentation seeds, as workers are not persistent) and the main
-process's RNGs from (seed, epoch) (``imgrec.engine.loop.begin_epoch``). So epoch ``e`` draws the
-same randomness whether the run went straight through or was resumed from the checkpoint of
-epoch ``e - 1``.
+Exact resume (``imgrec.engine.resume``): the data order and each image's augmentation depend
+only on (seed, epoch, image), and the checkpoint holds everything else (weights, optimizer,
+schedule, EMA, scaler, the step within the epoch, the epoch's sums, every rank's RNG states).
+So a run resumed from a checkpoint written at any step, mid-epoch included, continues as if it
+had never stopped. Under torchrun each process trains on its share of every epoch in DDP
+(``imgrec.engine.distributed``); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ class Run:
                     self.save_model_dir()
             self.save_checkpoint()
             merge_skip_logs(self)  # workers are gone between epochs: one line per bad file, from every rank
-            if distributed.any_rank(self.signals.requested is not None, self.device):
+            if distributed.any_rank(self.signals.requested is not None, self.device) and self.epoch < config.epochs:
                 raise TrainingInterrupted(self.signals.requested or signal.SIGTERM, self.out, self.epoch, 0)
 
     def validate(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
