@@ -32,6 +32,7 @@ bench: demo  # eval_parity.py measures the demo model
 	$(PY) benchmarks/eval_parity.py
 	$(PY) benchmarks/shards_vs_folder.py
 	$(PY) benchmarks/ssl_transfer.py
+	$(PY) benchmarks/ddp_scaling.py --gpu
 
 constraints: venv
 	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -e "^imgrec" -e "^ruff=="; } > constraints.new && mv constraints.new constraints.txt
