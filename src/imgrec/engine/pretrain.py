@@ -15,7 +15,6 @@ import itertools
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -47,10 +46,9 @@ from imgrec.engine.loop import (
 )
 from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY, cosine_schedule, create_optimizer, scaled_lr
 from imgrec.engine.resume import (
-    TrainingInterrupted,
     check_free_space,
+    end_epoch,
     init_loop_state,
-    merge_skip_logs,
     restore_training_state,
     save_run_checkpoint,
 )
@@ -241,10 +239,7 @@ class PretrainRun:
             if distributed.is_main():
                 self.log(row)
                 self.save_backbone(row)
-            self.save_checkpoint()
-            merge_skip_logs(self)
-            if distributed.any_rank(self.signals.requested is not None, self.device) and self.epoch < config.epochs:
-                raise TrainingInterrupted(self.signals.requested or signal.SIGTERM, self.out, self.epoch, 0)
+            end_epoch(self)
 
     def knn_monitor(self) -> dict[str, float]:
         """kNN top-1/top-5 (k, temperature from the config) of val against the train bank, in percent."""

@@ -201,6 +201,15 @@ def check_free_space(out: Path, module: torch.nn.Module, optimizer: str, *, save
         )
 
 
+def end_epoch(run: Any) -> None:
+    """After an epoch (``run.epoch`` counts it): the checkpoint, the skipped-files log merged from
+    every rank (workers are gone between epochs), and the stop a signal asked for during it."""
+    run.save_checkpoint()
+    merge_skip_logs(run)
+    if distributed.any_rank(run.signals.requested is not None, run.device) and run.epoch < run.config.epochs:
+        raise TrainingInterrupted(run.signals.requested or signal.SIGTERM, run.out, run.epoch, 0)
+
+
 def merge_skip_logs(run: Any) -> None:
     """One line per unreadable file in ``RUN/skipped.jsonl``, whichever rank or worker met it
     (other ranks keep their own log, maybe on another machine; rank 0 writes the union)."""
@@ -219,6 +228,7 @@ __all__ = [
     "TrainingInterrupted",
     "apply_schedule",
     "drop_rows_after",
+    "end_epoch",
     "init_loop_state",
     "check_free_space",
     "merge_skip_logs",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -46,10 +45,9 @@ from imgrec.engine.loop import (
 )
 from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
 from imgrec.engine.resume import (
-    TrainingInterrupted,
     check_free_space,
+    end_epoch,
     init_loop_state,
-    merge_skip_logs,
     restore_training_state,
     save_run_checkpoint,
 )
@@ -248,10 +246,7 @@ class Run:
                 self.log(row)
                 if improved:
                     self.save_model_dir()
-            self.save_checkpoint()
-            merge_skip_logs(self)  # workers are gone between epochs: one line per bad file, from every rank
-            if distributed.any_rank(self.signals.requested is not None, self.device) and self.epoch < config.epochs:
-                raise TrainingInterrupted(self.signals.requested or signal.SIGTERM, self.out, self.epoch, 0)
+            end_epoch(self)
 
     def validate(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
         model = model if model is not None else self.eval_forward
