@@ -176,6 +176,29 @@ def test_two_ranks_match_one_process_with_twice_the_batch(data, tmp_path):
     assert "lr: 0.01" in config  # as given; without --lr it would scale with the global batch, 2 x 4
 
 
+def test_two_torchrun_agents_meet_as_two_nodes_through_the_c10d_rendezvous(data, tmp_path):
+    """Multi-node as on a cluster (--nnodes 2, --rdzv-backend c10d, one endpoint), both "nodes" on loopback."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "imgrec", *TRAIN, "--epochs", "1",
+             "--data", str(data), "--workers", "0", "--batch-size", "4", "--out", str(out)],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert sum("per rank on 2 ranks" in log for log in logs) == 1  # rank 0 speaks, on whichever node it landed
+    assert untimed(out)[0]["val_images"] == 15
+
+
 def test_torchrun_restarts_a_crashed_rank_from_the_latest_checkpoint(data, reference, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "crashed"
     inject = ["--crash-once-at-step", "5", "--crash-rank", "1", "--marker", str(marker)]
