@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_parser(commands)
     add_probe_parser(commands)
 
-    from imgrec.cli_deploy import add_export_parser
+    from imgrec.cli_deploy import add_benchmark_parser, add_export_parser
 
     add_export_parser(commands)
+    add_benchmark_parser(commands)
 
     p = commands.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion matrix of a trained model")
     p.add_argument("run", help="model directory (the --out of imgrec train)")

@@ -1,5 +1,5 @@
-"""The deployment commands of ``imgrec``: export (and, later, benchmark and serve). Thin layers
-over ``imgrec.export``; no logic lives here."""
+"""The deployment commands of ``imgrec``: export and benchmark (serve to come). Thin layers over
+``imgrec.export`` and ``imgrec.benchmark``; no logic lives here."""
 
 from __future__ import annotations
 
@@ -39,4 +39,44 @@ def run_export(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report.to_dict(), f, indent=2)
+    return 0
+
+
+def add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
+    from imgrec.benchmark import BACKENDS
+
+    p = commands.add_parser("benchmark", help="latency (batch 1) and throughput of each inference backend, with top-1 agreement")
+    p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)} (default: all)")
+    p.add_argument("--batch", type=int, default=32, help="batch of the throughput figure (default 32)")
+    p.add_argument("--iterations", type=int, default=50, help="batch-1 calls for the latency percentiles (default 50)")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds of batches for each throughput figure (default 10)")
+    p.add_argument("--images", help="folder of images for the agreement check and int8 calibration (default: the run's val split)")
+    p.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: all cores)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.set_defaults(handler=run_benchmark)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from imgrec.benchmark import benchmark, best_backend
+    from imgrec.cli import console
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    results = benchmark(
+        args.run, backends=backends, batch=args.batch, iterations=args.iterations, seconds=args.seconds, images=args.images, threads=args.threads
+    )
+    table = Table(title=f"{args.run}: batch 1 latency, batch {args.batch} throughput")
+    for column in ("backend", "p50 ms", "p99 ms", "img/s", "vs eager", "top-1 agreement", "note"):
+        table.add_column(column, justify="left" if column in ("backend", "note") else "right")
+    for r in results:
+        figures = [f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.images_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.top1_agreement:.2f}%"] if r.images_per_s else ["-"] * 5
+        table.add_row(r.backend, *figures, r.note)
+    console.print(table)
+    best = best_backend(results)
+    console.print(f"best with >= 99% agreement: {best.backend}, {best.images_per_s:.1f} img/s ({best.speedup:.2f}x eager fp32)", highlight=False)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([r.__dict__ for r in results], f, indent=2)
     return 0

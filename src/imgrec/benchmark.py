@@ -1,0 +1,162 @@
+"""``imgrec benchmark RUN``: latency and throughput of every inference backend, with top-1 agreement.
+
+Backends (those that apply on the machine): ``eager`` (fp32, the baseline), ``channels_last``,
+``bf16`` (autocast + channels_last), ``compile`` (torch.compile of the bf16 channels_last model,
+fp32 on CPUs without native bf16), ``onnx`` (onnxruntime fp32) and ``onnx-int8`` (onnxruntime
+static int8, calibrated on the run's images). Each gets latency at batch 1 (p50, p99 over
+``iterations`` calls) and throughput at the larger batch (images/s, the median of ``rounds``
+rounds in which the backends take turns), and its top-1 agreement with eager fp32 on real
+images (the run's val split or ``images``). Inputs are
+the preprocessed float tensors, so the figures are the model's, not the JPEG decoder's.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgrec.checkpoint import load_model_dir
+from imgrec.engine.hardware import cpu_has_native_bf16, flush_denormals
+from imgrec.export import onnx_session, parity_files, preprocess, quantize_int8, write_onnx
+from imgrec.predict import Classifier
+
+BACKENDS = ("eager", "channels_last", "bf16", "compile", "onnx", "onnx-int8")
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    p50_ms: float | None = None  # batch-1 latency
+    p99_ms: float | None = None
+    images_per_s: float | None = None  # at the large batch
+    top1_agreement: float | None = None  # percent, against eager fp32
+    speedup: float | None = None  # throughput over eager fp32's
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_backend(name: str, model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor, info: dict[str, Any], workdir: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function from a float32 NCHW batch to logits (numpy), for backend ``name``."""
+    bf16 = cpu_has_native_bf16() or torch.cuda.is_available()
+    if name == "eager":
+        return lambda x: model(x).float().numpy()
+    if name in ("channels_last", "bf16", "compile"):
+        fast = model.to(memory_format=torch.channels_last) if name != "eager" else model
+        forward = torch.compile(fast) if name == "compile" else fast
+        cast = name == "bf16" or (name == "compile" and bf16)
+
+        def run(x: torch.Tensor) -> np.ndarray:
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+                return forward(x).float().numpy()
+
+        return run
+    fp32 = workdir / "model.onnx"
+    if not fp32.exists():
+        write_onnx(model.to(memory_format=torch.contiguous_format), example, info, fp32)
+    path = fp32
+    if name == "onnx-int8":
+        path = workdir / "model.int8.onnx"
+        quantize_int8(fp32, path, calibration, info)
+    session = onnx_session(path)
+    return lambda x: session.run(None, {"input": x.contiguous().numpy()})[0]
+
+
+def latencies(run_fn: Callable[[torch.Tensor], np.ndarray], one: torch.Tensor, iterations: int) -> list[float]:
+    """Milliseconds of ``iterations`` batch-1 calls."""
+    times = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        run_fn(one)
+        times.append(1000 * (time.perf_counter() - started))
+    return times
+
+
+def throughput(run_fn: Callable[[torch.Tensor], np.ndarray], batch: torch.Tensor, seconds: float) -> float:
+    """images/s over at least two batches and about ``seconds``."""
+    rounds, started = 0, time.perf_counter()
+    while rounds < 2 or time.perf_counter() - started < seconds:
+        run_fn(batch)
+        rounds += 1
+    return rounds * batch.shape[0] / (time.perf_counter() - started)
+
+
+def benchmark(
+    run: str | os.PathLike,
+    *,
+    backends: tuple[str, ...] = BACKENDS,
+    batch: int = 32,
+    iterations: int = 50,
+    seconds: float = 10.0,
+    images: str | os.PathLike | None = None,
+    max_images: int = 256,
+    calibration_images: int = 300,
+    threads: int | None = None,
+    rounds: int = 3,
+) -> list[BackendResult]:
+    """One ``BackendResult`` per backend, eager fp32 first (the others' reference)."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(BACKENDS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    model, info = load_model_dir(run)
+    model = model.float().eval()
+    flush_denormals(torch.device("cpu"))
+    classifier = Classifier(model, info, device="cpu", precision="fp32")
+    model = model.to(memory_format=torch.contiguous_format)
+    files = parity_files(Path(run), images, max(max_images, calibration_images if "onnx-int8" in backends else 0), seed=0)
+    inputs = preprocess(classifier, files)
+    checked, calibration = inputs[:max_images], inputs[:calibration_images]
+    size = info["img_size"]
+    generator = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 3, size, size, generator=generator)
+    large = torch.randn(batch, 3, size, size, generator=generator)
+    results: list[BackendResult] = []
+    runners: dict[str, Callable[[torch.Tensor], np.ndarray]] = {}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        reference = None
+        for name in ("eager", *[b for b in backends if b != "eager"]):
+            try:
+                run_fn = make_backend(name, model, one.expand(2, -1, -1, -1).contiguous(), calibration, info, Path(tmp))
+                logits = np.concatenate([run_fn(chunk) for chunk in checked.split(batch)])  # also the warm-up (compile, allocators)
+                run_fn(large)
+            except Exception as exc:  # a backend missing on this machine is reported, not fatal
+                results.append(BackendResult(name, note=f"unavailable: {type(exc).__name__}: {exc}"[:200]))
+                continue
+            reference = logits if reference is None else reference
+            runners[name] = run_fn
+            results.append(BackendResult(name, top1_agreement=100.0 * float((logits.argmax(1) == reference.argmax(1)).mean())))
+        # Interleaved rounds, medians: a noisy machine slows every backend alike, not the last one measured.
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        rates: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, run_fn in runners.items():
+                times[name] += latencies(run_fn, one, max(1, iterations // rounds))
+                rates[name].append(throughput(run_fn, large, seconds / rounds))
+    for result in results:
+        if result.backend in runners:
+            ordered = sorted(times[result.backend])
+            result.p50_ms = statistics.median(ordered)
+            result.p99_ms = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+            result.images_per_s = statistics.median(rates[result.backend])
+            result.speedup = result.images_per_s / statistics.median(rates["eager"])
+    return [r for r in results if r.backend in backends or r.backend == "eager"]
+
+
+def best_backend(results: list[BackendResult], min_agreement: float = 99.0) -> BackendResult:
+    """The fastest backend at the large batch whose top-1 agreement is at least ``min_agreement``."""
+    good = [r for r in results if r.images_per_s is not None and (r.top1_agreement or 0) >= min_agreement]
+    return max(good, key=lambda r: r.images_per_s)
+
+
+__all__ = ["BACKENDS", "BackendResult", "benchmark", "best_backend", "latencies", "throughput"]
