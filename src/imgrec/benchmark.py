@@ -130,6 +130,7 @@ def benchmark(
                 run_fn = make_backend(name, model, one.expand(2, -1, -1, -1).contiguous(), calibration, info, Path(tmp))
                 logits = np.concatenate([run_fn(chunk) for chunk in checked.split(batch)])  # also the warm-up (compile, allocators)
                 run_fn(large)
+                run_fn(one)  # torch.compile specialises on the batch size: both shapes compiled before timing
             except Exception as exc:  # a backend missing on this machine is reported, not fatal
                 results.append(BackendResult(name, note=f"unavailable: {type(exc).__name__}: {exc}"[:200]))
                 continue
