@@ -50,6 +50,7 @@ from imgrec.engine.resume import (
     end_epoch,
     init_loop_state,
     restore_training_state,
+    run_epochs,
     save_run_checkpoint,
 )
 from imgrec.engine.train import take_fraction
@@ -214,12 +215,7 @@ class PretrainRun:
             f"{self.precision}, {config.opt} batch {config.batch_size}x{config.accum_steps}{ranks_note()}, peak lr {self.lr:.3g}, {config.epochs} epochs",
             highlight=False,
         )
-        with self.signals:
-            self.train_epochs()
-        if self.writer is not None:
-            self.writer.close()
-        if self.skipped_files:
-            self.console.print(f"{self.skipped_files} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
+        run_epochs(self)
         self.console.print(f"backbone weights: {self.out / BACKBONE_WEIGHTS}", highlight=False)
         return self.out
 

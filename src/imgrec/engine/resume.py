@@ -201,6 +201,17 @@ def check_free_space(out: Path, module: torch.nn.Module, optimizer: str, *, save
         )
 
 
+def run_epochs(run: Any) -> None:
+    """``run.train_epochs()`` under the stop-signal watch, then the TensorBoard writer closed and
+    the unreadable files, if any, reported."""
+    with run.signals:
+        run.train_epochs()
+    if run.writer is not None:
+        run.writer.close()
+    if run.skipped_files:
+        run.console.print(f"{run.skipped_files} unreadable file(s) were skipped; see {run.skip_log.path}", style="yellow", highlight=False)
+
+
 def end_epoch(run: Any) -> None:
     """After an epoch (``run.epoch`` counts it): the checkpoint, the skipped-files log merged from
     every rank (workers are gone between epochs), and the stop a signal asked for during it."""
@@ -233,6 +244,7 @@ __all__ = [
     "check_free_space",
     "merge_skip_logs",
     "restore_training_state",
+    "run_epochs",
     "save_run_checkpoint",
     "step_flags",
 ]

@@ -49,6 +49,7 @@ from imgrec.engine.resume import (
     end_epoch,
     init_loop_state,
     restore_training_state,
+    run_epochs,
     save_run_checkpoint,
 )
 from imgrec.models.factory import create_model, resolve_weights
@@ -200,12 +201,7 @@ class Run:
             f"batch {config.batch_size}x{config.accum_steps}{ranks_note()}, peak lr {self.lr:.3g}, {config.epochs} epochs",
             highlight=False,
         )
-        with self.signals:
-            self.train_epochs()
-        if self.writer is not None:
-            self.writer.close()
-        if self.skipped_files:
-            self.console.print(f"{self.skipped_files} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
+        run_epochs(self)
         self.console.print(
             f"best val top-1 {self.best['top1']:.2f}% (epoch {self.best.get('epoch')}); model directory: {self.out}", highlight=False
         )
