@@ -12,6 +12,7 @@ the preprocessed float tensors, so the figures are the model's, not the JPEG dec
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -45,12 +46,14 @@ class BackendResult:
 
 
 def make_backend(name: str, model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor, info: dict[str, Any], workdir: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    """A function from a float32 NCHW batch to logits (numpy), for backend ``name``."""
+    """A function from a float32 NCHW batch to logits (numpy), for backend ``name``, on its own
+    copy of ``model`` (memory formats and compilation must not leak from one backend to another)."""
     bf16 = cpu_has_native_bf16() or torch.cuda.is_available()
+    model = copy.deepcopy(model)
     if name == "eager":
         return lambda x: model(x).float().numpy()
     if name in ("channels_last", "bf16", "compile"):
-        fast = model.to(memory_format=torch.channels_last) if name != "eager" else model
+        fast = model.to(memory_format=torch.channels_last)
         forward = torch.compile(fast) if name == "compile" else fast
         cast = name == "bf16" or (name == "compile" and bf16)
 
@@ -62,7 +65,7 @@ def make_backend(name: str, model: torch.nn.Module, example: torch.Tensor, calib
         return run
     fp32 = workdir / "model.onnx"
     if not fp32.exists():
-        write_onnx(model.to(memory_format=torch.contiguous_format), example, info, fp32)
+        write_onnx(model, example, info, fp32)
     path = fp32
     if name == "onnx-int8":
         path = workdir / "model.int8.onnx"
@@ -114,9 +117,10 @@ def benchmark(
     flush_denormals(torch.device("cpu"))
     classifier = Classifier(model, info, device="cpu", precision="fp32")
     model = model.to(memory_format=torch.contiguous_format)
-    files = parity_files(Path(run), images, max(max_images, calibration_images if "onnx-int8" in backends else 0), seed=0)
+    files = parity_files(Path(run), images, max_images + (calibration_images if "onnx-int8" in backends else 0), seed=0)
     inputs = preprocess(classifier, files)
-    checked, calibration = inputs[:max_images], inputs[:calibration_images]
+    checked = inputs[:max_images]  # int8 calibrates on other images than those it is judged on, when there are enough
+    calibration = inputs[max_images:] if len(inputs) > max_images else inputs[:calibration_images]
     size = info["img_size"]
     generator = torch.Generator().manual_seed(0)
     one = torch.randn(1, 3, size, size, generator=generator)

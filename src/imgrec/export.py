@@ -84,8 +84,11 @@ def export(
     suffix = {"onnx": ".int8.onnx" if int8 else ".onnx", "torchscript": ".torchscript.pt"}[format]
     path = Path(out) if out is not None else run / f"model{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    files = parity_files(run, images, max(max_images, calibration_images if int8 else 0), seed)
+    files = parity_files(run, images, max_images + (calibration_images if int8 else 0), seed)
     inputs = preprocess(classifier, files)
+    checked = inputs[:max_images]
+    # Calibrate on other images than those checked, when there are enough.
+    calibration = inputs[max_images:] if len(inputs) > max_images else inputs[:calibration_images]
     size = info["img_size"]
     example = torch.zeros(2, 3, size, size)
 
@@ -97,11 +100,10 @@ def export(
         target = path if not int8 else Path(tempfile.mkdtemp()) / "fp32.onnx"
         write_onnx(model, example, info, target)
         if int8:
-            quantize_int8(target, path, inputs[:calibration_images], info)
+            quantize_int8(target, path, calibration, info)
         session = onnx_session(path)
         run_exported = lambda x: session.run(None, {"input": x.numpy()})[0]  # noqa: E731
 
-    checked = inputs[:max_images]
     with torch.inference_mode():
         eager = torch.cat([model(batch) for batch in checked.split(32)]).numpy()
         got = np.concatenate([run_exported(batch) for batch in checked.split(32)])
