@@ -61,6 +61,41 @@ class SSLMethod(nn.Module):
         return self.backbone.state_dict()
 
 
+class MomentumTeacherMethod(SSLMethod):
+    """An online branch (backbone, projector, predictor) that predicts, for each of two views, a
+    momentum teacher's projection of the other view; the teacher (backbone + projector) follows
+    the online weights by an EMA whose rate rises from ``teacher_momentum`` to 1 along a cosine.
+    BYOL and MoCo v3 differ only in their heads and in ``pair_loss(predictions, targets)``.
+
+    Subclasses build ``projector`` and ``predictor``, then call ``init_teacher``.
+    """
+
+    title: ClassVar[str]  # the method's name in messages
+    teacher_momentum: ClassVar[float]
+
+    def init_teacher(self, teacher_momentum: float | None) -> None:
+        self.teacher_backbone = frozen_copy(self.backbone)
+        self.teacher_projector = frozen_copy(self.projector)
+        self.base_momentum = teacher_momentum if teacher_momentum is not None else type(self).teacher_momentum
+
+    def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, num_views: int = 2) -> torch.Tensor:
+        if num_views != 2:
+            raise ValueError(f"{self.title} takes 2 views per image, got {num_views}")
+        p1, p2 = self.predictor(self.projector(self.backbone(images))).float().chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.teacher_projector(self.teacher_backbone(images)).float().chunk(2)
+        return self.pair_loss(p1, t2) + self.pair_loss(p2, t1)  # both ways, summed as in both papers
+
+    def after_step(self, progress: float) -> None:
+        # A function of the step alone, so a resumed run moves its teacher exactly as before.
+        momentum = cosine_momentum(self.base_momentum, progress)
+        ema_update(self.teacher_backbone, self.backbone, momentum)
+        ema_update(self.teacher_projector, self.projector, momentum)
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, layers: int = 2, last_norm: bool = False) -> nn.Sequential:
     """Linear-BN-ReLU blocks then a Linear: the projection and prediction heads of SimCLR and BYOL.
 
@@ -110,4 +145,4 @@ def gather_across_ranks(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(all_gather(tensor)), dist.get_rank()
 
 
-__all__ = ["SSLMethod", "cosine_momentum", "ema_update", "frozen_copy", "gather_across_ranks", "mlp"]
+__all__ = ["MomentumTeacherMethod", "SSLMethod", "cosine_momentum", "ema_update", "frozen_copy", "gather_across_ranks", "mlp"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgrec.ssl.base import SSLMethod, cosine_momentum, ema_update, frozen_copy, mlp
+from imgrec.ssl.base import MomentumTeacherMethod, mlp
 from imgrec.ssl.views import ViewSpec
 
 BYOL_VIEWS = (
@@ -23,8 +23,9 @@ BYOL_VIEWS = (
 )
 
 
-class BYOL(SSLMethod):
+class BYOL(MomentumTeacherMethod):
     name = "byol"
+    title = "BYOL"
     optimizer = "lars"
     base_lr = 0.2
     weight_decay = 1.5e-6
@@ -38,23 +39,10 @@ class BYOL(SSLMethod):
         hidden, out = proj_hidden_dim or self.proj_hidden_dim, proj_dim or self.proj_dim
         self.projector = mlp(self.feature_dim, hidden, out)
         self.predictor = mlp(out, hidden, out)
-        self.teacher_backbone = frozen_copy(self.backbone)
-        self.teacher_projector = frozen_copy(self.projector)
-        self.base_momentum = teacher_momentum if teacher_momentum is not None else type(self).teacher_momentum
+        self.init_teacher(teacher_momentum)
 
-    def forward(self, images: torch.Tensor, num_views: int = 2) -> torch.Tensor:
-        if num_views != 2:
-            raise ValueError(f"BYOL takes 2 views per image, got {num_views}")
-        p1, p2 = self.predictor(self.projector(self.backbone(images))).float().chunk(2)
-        with torch.no_grad():
-            t1, t2 = self.teacher_projector(self.teacher_backbone(images)).float().chunk(2)
-        return regression_loss(p1, t2) + regression_loss(p2, t1)  # the paper's symmetric sum, 0 to 8
-
-    def after_step(self, progress: float) -> None:
-        # A function of the step alone, so a resumed run moves its teacher exactly as before.
-        momentum = cosine_momentum(self.base_momentum, progress)
-        ema_update(self.teacher_backbone, self.backbone, momentum)
-        ema_update(self.teacher_projector, self.projector, momentum)
+    def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return regression_loss(predictions, targets)  # summed both ways: the paper's loss, 0 to 8
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgrec.ssl.base import SSLMethod, cosine_momentum, ema_update, frozen_copy, gather_across_ranks, mlp
+from imgrec.ssl.base import MomentumTeacherMethod, gather_across_ranks, mlp
 from imgrec.ssl.byol import BYOL_VIEWS
 
 
-class MoCoV3(SSLMethod):
+class MoCoV3(MomentumTeacherMethod):
     name = "moco"
+    title = "MoCo v3"
     optimizer = "lars"
     base_lr = 0.6
     weight_decay = 1e-6
@@ -43,23 +44,11 @@ class MoCoV3(SSLMethod):
         hidden, out = proj_hidden_dim or self.proj_hidden_dim, proj_dim or self.proj_dim
         self.projector = mlp(self.feature_dim, hidden, out, last_norm=True)  # the ResNet heads (3 and 2 layers are for ViTs)
         self.predictor = mlp(out, hidden, out)
-        self.teacher_backbone = frozen_copy(self.backbone)
-        self.teacher_projector = frozen_copy(self.projector)
         self.temperature = temperature if temperature is not None else type(self).temperature
-        self.base_momentum = teacher_momentum if teacher_momentum is not None else type(self).teacher_momentum
+        self.init_teacher(teacher_momentum)
 
-    def forward(self, images: torch.Tensor, num_views: int = 2) -> torch.Tensor:
-        if num_views != 2:
-            raise ValueError(f"MoCo v3 takes 2 views per image, got {num_views}")
-        q1, q2 = self.predictor(self.projector(self.backbone(images))).float().chunk(2)
-        with torch.no_grad():
-            k1, k2 = self.teacher_projector(self.teacher_backbone(images)).float().chunk(2)
-        return info_nce(q1, k2, self.temperature) + info_nce(q2, k1, self.temperature)
-
-    def after_step(self, progress: float) -> None:
-        momentum = cosine_momentum(self.base_momentum, progress)
-        ema_update(self.teacher_backbone, self.backbone, momentum)
-        ema_update(self.teacher_projector, self.projector, momentum)
+    def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return info_nce(predictions, targets, self.temperature)  # queries against the teacher's keys
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
