@@ -24,10 +24,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from imgrec.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint, set_rng_state
+from imgrec.checkpoint import CHECKPOINT_NAME, METRICS_NAME, SKIP_LOG_NAME, load_checkpoint, set_rng_state
 from imgrec.config import from_dict
+from imgrec.data.folder import SkipLog
 from imgrec.data.sampler import EpochSampler
 from imgrec.engine import distributed
+from imgrec.engine.hardware import flush_denormals, make_deterministic, resolve_device, resolve_precision
 from imgrec.engine.resume import TrainingInterrupted, step_flags
 
 CONFIG_NAME = "config.yaml"
@@ -71,6 +73,32 @@ def start_or_resume(
             f"{config.out} already holds a training run: continue it with --resume {config.out} (or --resume auto), or pick another --out"
         )
     return config, checkpoint
+
+
+def launch(build: Callable[[Console, torch.device], Any], device: str, console: Console, checkpoint: dict[str, Any] | None) -> Path:
+    """Build a run with ``build(console, device)`` in torchrun's process group (if any), restore
+    ``checkpoint`` into it, train it; returns its directory. Only rank 0's console speaks."""
+    with distributed.process_group(device) as resolved:
+        run = build(console if distributed.is_main() else Console(quiet=True), resolved)
+        if checkpoint is not None:
+            run.restore(checkpoint)
+        return run.fit()
+
+
+def open_run(run: Any, config: Any, console: Console, device: torch.device | None) -> bool:
+    """What every run sets up first: its console, its output folder (proved writable), seeds,
+    deterministic algorithms if asked, device, precision, the skipped-files log (rank 0's in the
+    run folder; other ranks keep theirs, merged at each epoch's end). Returns channels_last."""
+    run.console = console
+    run.out = prepare_output_dir(config.out)
+    seed_everything(config.seed)
+    if config.deterministic:
+        make_deterministic()
+    run.device = device if device is not None else resolve_device(config.device)
+    run.precision = resolve_precision(config.precision, run.device)
+    flush_denormals(run.device)
+    run.skip_log = SkipLog(run.out / SKIP_LOG_NAME if distributed.is_main() else None)
+    return config.channels_last if config.channels_last is not None else True
 
 
 def begin_epoch(run: Any, epoch: int) -> None:
@@ -298,6 +326,8 @@ __all__ = [
     "METRICS_NAME",
     "begin_epoch",
     "epoch_progress",
+    "launch",
+    "open_run",
     "open_tensorboard",
     "peak_lr",
     "prepare_output_dir",

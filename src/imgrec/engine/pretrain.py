@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from imgrec.checkpoint import SKIP_LOG_NAME, save_model_dir
+from imgrec.checkpoint import save_model_dir
 from imgrec.config import PretrainConfig, preprocessing, save_yaml, to_dict
 from imgrec.data.folder import SHARD_SHUFFLE_BUFFER, DatasetError, SkipLog, iter_image_files, load_splits
 from imgrec.data.loader import create_loader
@@ -30,16 +30,16 @@ from imgrec.data.shards import ShardDataset, is_shard_source
 from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config
 from imgrec.engine import distributed
 from imgrec.engine.evaluate import LabelledFiles, classification_metrics, collect_logits
-from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, make_deterministic, resolve_device, resolve_precision
+from imgrec.engine.hardware import DTYPES, autocast
 from imgrec.engine.knn import knn_scores
 from imgrec.engine.loop import (
     CONFIG_NAME,
     begin_epoch,
+    launch,
+    open_run,
     open_tensorboard,
-    prepare_output_dir,
     ranks_note,
     run_epoch,
-    seed_everything,
     start_or_resume,
     steps_per_epoch,
     write_metrics,
@@ -72,13 +72,7 @@ def pretrain(config: PretrainConfig | None = None, *, resume: str | os.PathLike 
     config, checkpoint = start_or_resume(
         PretrainConfig, config, resume, overrides, no_data="no images to pretrain on: pass --data DIR, a folder of images (labels, if any, are ignored)"
     )
-    with distributed.process_group(config.device) as device:
-        if not distributed.is_main():
-            console = Console(quiet=True)  # rank 0 speaks for the run
-        run = PretrainRun(config, console, device)
-        if checkpoint is not None:
-            run.restore(checkpoint)
-        return run.fit()
+    return launch(lambda console, device: PretrainRun(config, console, device), config.device, console, checkpoint)
 
 
 def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, Any, Any, list[str], str]:
@@ -138,18 +132,9 @@ class PretrainRun:
     """The state of one pretraining run; built once, then ``fit`` loops over the epochs."""
 
     def __init__(self, config: PretrainConfig, console: Console, device: torch.device | None = None):
-        self.console = console
-        self.out = prepare_output_dir(config.out)
-        seed_everything(config.seed)
-        if config.deterministic:
-            make_deterministic()
-        self.device = device if device is not None else resolve_device(config.device)
-        self.precision = resolve_precision(config.precision, self.device)
-        flush_denormals(self.device)
-        channels_last = config.channels_last if config.channels_last is not None else True
+        channels_last = open_run(self, config, console, device)
         memory_format = torch.channels_last if channels_last else torch.preserve_format
 
-        self.skip_log = SkipLog(self.out / SKIP_LOG_NAME if distributed.is_main() else None)
         self.train_set, self.bank_set, self.query_set, self.classes, self.monitor_note = pretraining_data(config, self.skip_log)
         backbone = create_model(config.model, num_classes=0)
         self.data_config = dc = resolve_data_config(backbone, **config.data_config)
@@ -204,8 +189,6 @@ class PretrainRun:
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_state_dict(checkpoint["model"])
         restore_training_state(self, checkpoint)
-        within = f", step {self.step} of epoch {self.epoch + 1}" if self.step else ""
-        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}{within}", highlight=False)
 
     def fit(self) -> Path:
         config = self.config

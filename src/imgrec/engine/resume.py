@@ -128,7 +128,8 @@ def save_run_checkpoint(run: Any, state: dict[str, Any]) -> bool:
 
 def restore_training_state(run: Any, checkpoint: dict[str, Any]) -> None:
     """Optimizer, schedule, grad scaler, position (epoch and step) and RNG states of ``checkpoint``
-    into ``run`` (the weights are the caller's); metrics.jsonl rows logged after it are dropped.
+    into ``run`` (the weights are the caller's); metrics.jsonl rows logged after it are dropped,
+    and the console says where the run continues.
 
     A checkpoint written in the middle of an epoch continues at its step with this rank's RNG
     state (applied by ``begin_epoch``); it needs the number of processes that wrote it, since
@@ -153,6 +154,8 @@ def restore_training_state(run: Any, checkpoint: dict[str, Any]) -> None:
     run.resume_rng = own["rng"] if run.step else None
     run.partial = dict(own["partial"]) if run.step else {}
     drop_rows_after(run.out / METRICS_NAME, run.epoch)
+    within = f", step {run.step} of epoch {run.epoch + 1}" if run.step else ""
+    run.console.print(f"resumed {run.out} after epoch {run.epoch} of {run.config.epochs}{within}", highlight=False)
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:

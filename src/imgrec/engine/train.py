@@ -23,22 +23,22 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from imgrec.checkpoint import SKIP_LOG_NAME, save_model_dir
+from imgrec.checkpoint import save_model_dir
 from imgrec.config import PREPROCESSING, TrainConfig, preprocessing, save_yaml, to_dict
-from imgrec.data.folder import SkipLog, class_balanced_subset, load_splits, read_class_names, write_class_index
+from imgrec.data.folder import class_balanced_subset, load_splits, read_class_names, write_class_index
 from imgrec.data.loader import create_loader
 from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config, train_transform
 from imgrec.engine import distributed
 from imgrec.engine.evaluate import classification_metrics, collect_logits
-from imgrec.engine.hardware import DTYPES, autocast, flush_denormals, make_deterministic, resolve_device, resolve_precision
+from imgrec.engine.hardware import DTYPES, autocast
 from imgrec.engine.loop import (
     CONFIG_NAME,
     begin_epoch,
+    launch,
+    open_run,
     open_tensorboard,
-    prepare_output_dir,
     ranks_note,
     run_epoch,
-    seed_everything,
     start_or_resume,
     steps_per_epoch,
     write_metrics,
@@ -67,30 +67,15 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         TrainConfig, config, resume, overrides, fixed={"pretrained": None},
         no_data="no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/",
     )  # fmt: skip
-    with distributed.process_group(config.device) as device:
-        if not distributed.is_main():
-            console = Console(quiet=True)  # rank 0 speaks for the run
-        run = Run(config, console, device, resume_classes=checkpoint["classes"] if checkpoint is not None else None)
-        if checkpoint is not None:
-            run.restore(checkpoint)
-        return run.fit()
+    classes = checkpoint["classes"] if checkpoint is not None else None
+    return launch(lambda console, device: Run(config, console, device, resume_classes=classes), config.device, console, checkpoint)
 
 
 class Run:
     """The state of one training run; built once, then ``fit`` loops over the epochs."""
 
     def __init__(self, config: TrainConfig, console: Console, device: torch.device | None = None, resume_classes: list[str] | None = None):
-        self.console = console
-        self.out = prepare_output_dir(config.out)
-        seed_everything(config.seed)
-        if config.deterministic:
-            make_deterministic()
-        self.device = device if device is not None else resolve_device(config.device)
-        self.precision = resolve_precision(config.precision, self.device)
-        flush_denormals(self.device)
-        channels_last = config.channels_last if config.channels_last is not None else True
-
-        self.skip_log = SkipLog(self.out / SKIP_LOG_NAME if distributed.is_main() else None)
+        channels_last = open_run(self, config, console, device)
         dataset_options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
         self.splits = load_splits(config.data, val_root=config.val_data, seed=config.seed, skip_log=self.skip_log, **dataset_options)
         self.class_names = read_class_names(config.data)
@@ -188,10 +173,8 @@ class Run:
         self.model.load_state_dict(checkpoint["model"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
-        restore_training_state(self, checkpoint)
         self.best = checkpoint["best"]
-        within = f", step {self.step} of epoch {self.epoch + 1}" if self.step else ""
-        self.console.print(f"resumed {self.out} after epoch {self.epoch} of {self.config.epochs}{within}", highlight=False)
+        restore_training_state(self, checkpoint)
 
     def fit(self) -> Path:
         config = self.config
