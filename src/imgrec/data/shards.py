@@ -28,13 +28,13 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 import braceexpand
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, EncodedImage, load_sample
 from imgrec.data.folder import DatasetError, SkipLog, seeded_augmentation
+from imgrec.engine import distributed
 
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_NAME_RE = re.compile(r"shard-\d{6}\.tar")
@@ -135,10 +135,9 @@ def _join(prefix: str, name: str) -> str:
 
 
 def distributed_rank_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised (one place
+    for the data layer, which the tests can stand in for)."""
+    return distributed.rank(), distributed.world_size()
 
 
 def _rng(*parts: Any) -> random.Random:
