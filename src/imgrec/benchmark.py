@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,12 @@ class BackendResult:
     top1_agreement: float | None = None  # percent, against eager fp32
     speedup: float | None = None  # throughput over eager fp32's
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_backend(name: str, model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor, info: dict[str, Any], workdir: Path) -> Callable[[torch.Tensor], np.ndarray]:
+def make_backend(name: str, model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor, info: dict[str, Any], workdir: Path, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
     """A function from a float32 NCHW batch to logits (numpy), for backend ``name``, on its own
     copy of ``model`` (memory formats and compilation must not leak from one backend to another)."""
-    bf16 = cpu_has_native_bf16() or torch.cuda.is_available()
+    bf16 = cpu_has_native_bf16()  # every backend here runs on the CPU
     model = copy.deepcopy(model)
     if name == "eager":
         return lambda x: model(x).float().numpy()
@@ -70,7 +69,7 @@ def make_backend(name: str, model: torch.nn.Module, example: torch.Tensor, calib
     if name == "onnx-int8":
         path = workdir / "model.int8.onnx"
         quantize_int8(fp32, path, calibration, info)
-    session = onnx_session(path)
+    session = onnx_session(path, threads)
     return lambda x: session.run(None, {"input": x.contiguous().numpy()})[0]
 
 
@@ -131,7 +130,7 @@ def benchmark(
         reference = None
         for name in ("eager", *[b for b in backends if b != "eager"]):
             try:
-                run_fn = make_backend(name, model, one.expand(2, -1, -1, -1).contiguous(), calibration, info, Path(tmp))
+                run_fn = make_backend(name, model, one.expand(2, -1, -1, -1).contiguous(), calibration, info, Path(tmp), threads)
                 logits = np.concatenate([run_fn(chunk) for chunk in checked.split(batch)])  # also the warm-up (compile, allocators)
                 run_fn(large)
                 run_fn(one)  # torch.compile specialises on the batch size: both shapes compiled before timing

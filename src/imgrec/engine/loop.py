@@ -30,7 +30,7 @@ from imgrec.data.folder import SkipLog
 from imgrec.data.sampler import EpochSampler
 from imgrec.engine import distributed
 from imgrec.engine.hardware import flush_denormals, make_deterministic, resolve_device, resolve_precision
-from imgrec.engine.resume import TrainingInterrupted, step_flags
+from imgrec.engine.resume import TrainingInterrupted, init_loop_state, step_flags
 
 CONFIG_NAME = "config.yaml"
 
@@ -88,7 +88,8 @@ def launch(build: Callable[[Console, torch.device], Any], device: str, console: 
 def open_run(run: Any, config: Any, console: Console, device: torch.device | None) -> bool:
     """What every run sets up first: its console, its output folder (proved writable), seeds,
     deterministic algorithms if asked, device, precision, the skipped-files log (rank 0's in the
-    run folder; other ranks keep theirs, merged at each epoch's end). Returns channels_last."""
+    run folder; other ranks keep theirs, merged at each epoch's end), the loop's bookkeeping
+    (``init_loop_state``). Returns channels_last."""
     run.console = console
     run.out = prepare_output_dir(config.out)
     seed_everything(config.seed)
@@ -98,6 +99,7 @@ def open_run(run: Any, config: Any, console: Console, device: torch.device | Non
     run.precision = resolve_precision(config.precision, run.device)
     flush_denormals(run.device)
     run.skip_log = SkipLog(run.out / SKIP_LOG_NAME if distributed.is_main() else None)
+    init_loop_state(run)
     return config.channels_last if config.channels_last is not None else True
 
 

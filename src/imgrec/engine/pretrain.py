@@ -48,7 +48,6 @@ from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY, cosine_schedule, create_o
 from imgrec.engine.resume import (
     check_free_space,
     end_epoch,
-    init_loop_state,
     restore_training_state,
     run_epochs,
     save_run_checkpoint,
@@ -179,7 +178,6 @@ class PretrainRun:
             config, opt=opt, lr=lr, base_lr=base_lr, weight_decay=weight_decay, data_config=to_dict(dc),
             precision=self.precision, channels_last=channels_last, workers=self.train_loader.num_workers,
         )  # fmt: skip
-        init_loop_state(self)
         self.writer = None
         if distributed.is_main():
             check_free_space(self.out, self.method, opt, saved=self.method.backbone)

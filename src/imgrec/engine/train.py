@@ -47,7 +47,6 @@ from imgrec.engine.optim import cosine_schedule, create_optimizer, scaled_lr
 from imgrec.engine.resume import (
     check_free_space,
     end_epoch,
-    init_loop_state,
     restore_training_state,
     run_epochs,
     save_run_checkpoint,
@@ -161,7 +160,6 @@ class Run:
             channels_last=channels_last,
             workers=self.train_loader.num_workers,
         )
-        init_loop_state(self)
         self.best = {"top1": -1.0}
         self.writer = None
         if distributed.is_main():
