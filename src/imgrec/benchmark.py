@@ -27,7 +27,7 @@ import torch
 
 from imgrec.checkpoint import load_model_dir
 from imgrec.engine.hardware import cpu_has_native_bf16, flush_denormals
-from imgrec.export import onnx_session, parity_files, preprocess, quantize_int8, write_onnx
+from imgrec.export import onnx_session, parity_files, preprocess, quantize_int8, top1_agreement, write_onnx
 from imgrec.predict import Classifier
 
 BACKENDS = ("eager", "channels_last", "bf16", "compile", "onnx", "onnx-int8")
@@ -139,7 +139,7 @@ def benchmark(
                 continue
             reference = logits if reference is None else reference
             runners[name] = run_fn
-            results.append(BackendResult(name, top1_agreement=100.0 * float((logits.argmax(1) == reference.argmax(1)).mean())))
+            results.append(BackendResult(name, top1_agreement=top1_agreement(logits, reference)))
         # Interleaved rounds, medians: a noisy machine slows every backend alike, not the last one measured.
         times: dict[str, list[float]] = {name: [] for name in runners}
         rates: dict[str, list[float]] = {name: [] for name in runners}

@@ -97,10 +97,11 @@ def export(
         exported = load_torchscript(path)
         run_exported = lambda x: exported(x).detach().numpy()  # noqa: E731
     else:
-        target = path if not int8 else Path(tempfile.mkdtemp()) / "fp32.onnx"
-        write_onnx(model, example, info, target)
-        if int8:
-            quantize_int8(target, path, calibration, info)
+        with tempfile.TemporaryDirectory() as tmp:  # int8: the fp32 model and its pre-processed copy are steps, not results
+            target = path if not int8 else Path(tmp) / "fp32.onnx"
+            write_onnx(model, example, info, target)
+            if int8:
+                quantize_int8(target, path, calibration, info)
         session = onnx_session(path)
         run_exported = lambda x: session.run(None, {"input": x.numpy()})[0]  # noqa: E731
 
@@ -109,7 +110,7 @@ def export(
         got = np.concatenate([run_exported(batch) for batch in checked.split(32)])
     report = ExportReport(
         path=path, format=format, images=len(checked), int8=int8,
-        max_abs_diff=float(np.abs(got - eager).max()), top1_agreement=100.0 * float((got.argmax(1) == eager.argmax(1)).mean()),
+        max_abs_diff=float(np.abs(got - eager).max()), top1_agreement=top1_agreement(got, eager),
     )  # fmt: skip
     write_sidecar(path, info)
     tolerance = tolerance if tolerance is not None else (None if int8 else 1e-3)
@@ -121,6 +122,11 @@ def export(
             f"The file is kept for inspection."
         )
     return report
+
+
+def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Percent of rows whose top-1 class is the same in ``logits`` and ``reference``."""
+    return 100.0 * float((logits.argmax(1) == reference.argmax(1)).mean())
 
 
 def parity_files(run: Path, images: str | os.PathLike | None, count: int, seed: int) -> list[Path]:
@@ -246,4 +252,4 @@ def read_export_info(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(extra["imgrec.json"])
 
 
-__all__ = ["ExportReport", "FORMATS", "export", "load_torchscript", "onnx_session", "read_export_info"]
+__all__ = ["ExportReport", "FORMATS", "export", "load_torchscript", "onnx_session", "read_export_info", "top1_agreement"]
