@@ -36,6 +36,7 @@ from imgrec.data.shard_writer import parse_size, write_shards
 from imgrec.data.shards import ShardDataset
 from imgrec.data.synth import SynthSpec, write_synth_dataset
 from imgrec.data.transforms import eval_transform
+from imgrec.runtime import cpu_name
 from imgrec.utils import available_cpus
 
 
@@ -95,7 +96,7 @@ def main() -> None:
                 rates[case].append(epoch_images_per_s(loader))
 
     console.print(
-        f"{platform.node()}, {_cpu_name()}, {available_cpus()} core(s), torch {torch.__version__}, "
+        f"{platform.node()}, {cpu_name()}, {available_cpus()} core(s), torch {torch.__version__}, "
         f"{datetime.date.today()}: {info.samples} images, {args.loader} eval pipeline at 224, batch {args.batch_size}, median of {args.runs} runs"
     )
     table = Table()
@@ -105,16 +106,6 @@ def main() -> None:
         folder_rate, shard_rate = (statistics.median(rates[(kind, w)]) for kind in ("folder", "shards"))
         table.add_row(str(w), f"{folder_rate:.0f}", f"{shard_rate:.0f}", f"{shard_rate / folder_rate:.2f}x")
     console.print(table)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ static int8, calibrated on the run's images). Each gets latency at batch 1 (p50,
 ``iterations`` calls) and throughput at the larger batch (images/s, the median of ``rounds``
 rounds in which the backends take turns), and its top-1 agreement with eager fp32 on real
 images (the run's val split or ``images``). Inputs are
-the preprocessed float tensors, so the figures are the model's, not the JPEG decoder's.
+the preprocessed float tensors, so the figures are the model's, not the JPEG decoder's. The
+table goes to RUN/benchmark.json and the ONNX files stay in RUN: ``imgrec predict`` and
+``imgrec serve`` then run the fastest backend that agrees (``imgrec.runtime.choose_backend``).
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ import numpy as np
 import torch
 
 from imgrec.checkpoint import load_model_dir
-from imgrec.engine.hardware import cpu_has_native_bf16, flush_denormals
-from imgrec.export import onnx_session, parity_files, preprocess, quantize_int8, top1_agreement, write_onnx
+from imgrec.engine.hardware import flush_denormals
+from imgrec.export import parity_files, preprocess, quantize_int8, top1_agreement, write_onnx, write_sidecar
 from imgrec.predict import Classifier
-
-BACKENDS = ("eager", "channels_last", "bf16", "compile", "onnx", "onnx-int8")
+from imgrec.runtime import BACKENDS, ONNX_FILES, make_backend, record_benchmark
 
 
 @dataclass
@@ -44,33 +45,30 @@ class BackendResult:
     note: str = ""
 
 
-def make_backend(name: str, model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor, info: dict[str, Any], workdir: Path, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
-    """A function from a float32 NCHW batch to logits (numpy), for backend ``name``, on its own
-    copy of ``model`` (memory formats and compilation must not leak from one backend to another)."""
-    bf16 = cpu_has_native_bf16()  # every backend here runs on the CPU
+def benchmark_backend(
+    name: str, model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor, info: dict[str, Any], run: Path, written: set[str], threads: int | None = None
+) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function from a float32 NCHW batch to logits (numpy) for backend ``name``, on its own copy
+    of ``model`` (memory formats and compilation must not leak from one backend to another). The
+    ONNX backends' files are written to RUN (model.onnx, model.int8.onnx, as ``imgrec export``
+    names them) for predict and serve; ``written`` holds those this benchmark made."""
+    cpu = torch.device("cpu")
     model = copy.deepcopy(model)
-    if name == "eager":
-        return lambda x: model(x).float().numpy()
-    if name in ("channels_last", "bf16", "compile"):
-        fast = model.to(memory_format=torch.channels_last)
-        forward = torch.compile(fast) if name == "compile" else fast
-        cast = name == "bf16" or (name == "compile" and bf16)
-
-        def run(x: torch.Tensor) -> np.ndarray:
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
-                return forward(x).float().numpy()
-
-        return run
-    fp32 = workdir / "model.onnx"
-    if not fp32.exists():
-        write_onnx(model, example, info, fp32)
-    path = fp32
-    if name == "onnx-int8":
-        path = workdir / "model.int8.onnx"
-        quantize_int8(fp32, path, calibration, info)
-    session = onnx_session(path, threads)
-    return lambda x: session.run(None, {"input": x.contiguous().numpy()})[0]
+    path = None
+    if name in ONNX_FILES:
+        path = run / ONNX_FILES[name]
+        if name == "onnx":
+            write_onnx(model, example, info, path)
+        else:  # int8 quantises an fp32 export: the one this benchmark wrote, or a temporary one
+            with tempfile.TemporaryDirectory() as tmp:
+                fp32 = run / ONNX_FILES["onnx"] if "onnx" in written else Path(tmp) / "fp32.onnx"
+                if "onnx" not in written:
+                    write_onnx(model, example, info, fp32)
+                quantize_int8(fp32, path, calibration, info)
+        write_sidecar(path, info)
+        written.add(name)
+    forward = make_backend(name, model, cpu, onnx_path=path, threads=threads)
+    return lambda x: forward(x).numpy()
 
 
 def latencies(run_fn: Callable[[torch.Tensor], np.ndarray], one: torch.Tensor, iterations: int) -> list[float]:
@@ -104,8 +102,10 @@ def benchmark(
     calibration_images: int = 300,
     threads: int | None = None,
     rounds: int = 3,
+    record: bool = True,
 ) -> list[BackendResult]:
-    """One ``BackendResult`` per backend, eager fp32 first (the others' reference)."""
+    """One ``BackendResult`` per backend, eager fp32 first (the others' reference); ``record``
+    writes them to RUN/benchmark.json, where predict and serve find the fastest backend."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(BACKENDS)}")
@@ -126,11 +126,12 @@ def benchmark(
     large = torch.randn(batch, 3, size, size, generator=generator)
     results: list[BackendResult] = []
     runners: dict[str, Callable[[torch.Tensor], np.ndarray]] = {}
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+    written: set[str] = set()
+    with torch.inference_mode():
         reference = None
         for name in ("eager", *[b for b in backends if b != "eager"]):
             try:
-                run_fn = make_backend(name, model, one.expand(2, -1, -1, -1).contiguous(), calibration, info, Path(tmp), threads)
+                run_fn = benchmark_backend(name, model, one.expand(2, -1, -1, -1).contiguous(), calibration, info, Path(run), written, threads)
                 logits = np.concatenate([run_fn(chunk) for chunk in checked.split(batch)])  # also the warm-up (compile, allocators)
                 run_fn(large)
                 run_fn(one)  # torch.compile specialises on the batch size: both shapes compiled before timing
@@ -154,7 +155,10 @@ def benchmark(
             result.p99_ms = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
             result.images_per_s = statistics.median(rates[result.backend])
             result.speedup = result.images_per_s / statistics.median(rates["eager"])
-    return [r for r in results if r.backend in backends or r.backend == "eager"]
+    results = [r for r in results if r.backend in backends or r.backend == "eager"]
+    if record:
+        record_benchmark(run, results, batch)
+    return results
 
 
 def best_backend(results: list[BackendResult], min_agreement: float = 99.0) -> BackendResult:

@@ -23,7 +23,8 @@ from imgrec.config import DataConfig
 from imgrec.data.decode import BadImageError, load_sample, to_rgb
 from imgrec.data.folder import iter_image_files
 from imgrec.data.transforms import BatchNormalize, eval_transform
-from imgrec.engine.hardware import autocast, flush_denormals, resolve_device, resolve_precision
+from imgrec.engine.hardware import flush_denormals, resolve_device, resolve_precision
+from imgrec.runtime import ONNX_FILES, TORCH_BACKENDS, choose_backend, make_backend
 
 GLOB_CHARS = "*?["
 
@@ -60,10 +61,15 @@ class Classifier:
     """A trained model with its classes and preprocessing, ready to predict.
 
     ``loader`` picks the eval pipeline: ``fast`` (decode-and-crop, the default) or ``standard``
-    (decode everything, resize, centre crop, as torchvision's reference scripts do).
+    (decode everything, resize, centre crop, as torchvision's reference scripts do). ``backend``
+    runs the network (``imgrec.runtime``): None is PyTorch, channels_last, at ``precision``;
+    ``onnx``/``onnx-int8`` need ``onnx_path``.
     """
 
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], *, device: str = "auto", precision: str = "auto", loader: str = "fast"):
+    def __init__(
+        self, model: torch.nn.Module, info: dict[str, Any], *, device: str = "auto", precision: str = "auto", loader: str = "fast",
+        backend: str | None = None, onnx_path: str | os.PathLike | None = None,
+    ):  # fmt: skip
         self.info = info
         self.classes: list[str] = list(info["classes"])
         self.class_names: dict[str, str] = dict(info.get("class_names") or {})
@@ -73,19 +79,22 @@ class Classifier:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         flush_denormals(self.device)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.backend = backend or {"fp32": "channels_last"}.get(self.precision, self.precision)
+        if self.backend in TORCH_BACKENDS:
+            self.precision = resolve_precision(TORCH_BACKENDS[self.backend][0], self.device)
+        self.model = model.eval()
+        self.forward = make_backend(self.backend, self.model, self.device, precision=precision, onnx_path=onnx_path)
         self.normalize = BatchNormalize.from_config(self.data_config, channels_last=True).to(self.device)
         self.transform = eval_transform(self.data_config, loader)
+        self.backend_reason = ""  # why load() chose this backend
 
     def __repr__(self) -> str:
-        return f"Classifier({self.info['architecture']}, {len(self.classes)} classes, {self.device}, {self.precision})"
+        return f"Classifier({self.info['architecture']}, {len(self.classes)} classes, {self.device}, {self.backend})"
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """float32 logits on the CPU for a uint8 batch [B, 3, H, W] already at the model's input size."""
-        with autocast(self.device, self.precision):
-            out = self.model(self.normalize(images.to(self.device, non_blocking=True)))
-        return out.float().cpu()
+        return self.forward(self.normalize(images.to(self.device, non_blocking=True)))
 
     def predict(self, inputs: Any, topk: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Top-``topk`` classes and probabilities for each input, in input order.
@@ -94,7 +103,6 @@ class Classifier:
         ([3, H, W] or [B, 3, H, W], any size: they get the eval resize and crop).
         """
         items = list(expand_inputs(inputs))
-        k = max(1, min(topk, len(self.classes)))
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -102,14 +110,21 @@ class Classifier:
             good = [(i, t) for i, t in enumerate(prepared) if isinstance(t, torch.Tensor)]
             rows = [p if isinstance(p, Prediction) else Prediction(source) for (source, _), p in zip(chunk, prepared)]
             if good:
-                probs = torch.softmax(self.logits(torch.stack([t for _, t in good])), dim=1)
-                values, indices = probs.topk(k, dim=1)
-                for (i, _), vals, idx in zip(good, values.tolist(), indices.tolist()):
-                    rows[i].labels, rows[i].probs, rows[i].indices = [self.classes[j] for j in idx], vals, idx
-                    if self.class_names:
-                        rows[i].names = [self.class_names.get(label, label) for label in rows[i].labels]
+                ranked = self.rank(self.logits(torch.stack([t for _, t in good])), topk, [rows[i].source for i, _ in good])
+                for (i, _), row in zip(good, ranked):
+                    rows[i] = row
             results.extend(rows)
         return results
+
+    def rank(self, logits: torch.Tensor, topk: int, sources: list[str]) -> list[Prediction]:
+        """A ``Prediction`` per row of ``logits``: the top-``topk`` classes by softmax probability."""
+        values, indices = torch.softmax(logits.float(), dim=1).topk(max(1, min(topk, len(self.classes))), dim=1)
+        rows = []
+        for source, vals, idx in zip(sources, values.tolist(), indices.tolist()):
+            labels = [self.classes[j] for j in idx]
+            names = [self.class_names.get(label, label) for label in labels] if self.class_names else []
+            rows.append(Prediction(source, labels=labels, probs=vals, indices=idx, names=names))
+        return rows
 
     def _prepare(self, source: str, item: Any) -> torch.Tensor | Prediction:
         try:
@@ -171,10 +186,21 @@ def expand_path(text: str) -> Iterator[tuple[str, Any]]:
         yield text, Prediction(text, error="no such file or folder")
 
 
-def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto", loader: str = "fast") -> Classifier:
-    """The classifier in a model directory (``imgrec train --out RUN``); reads only safetensors and JSON."""
+def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto", loader: str = "fast", backend: str | None = "auto") -> Classifier:
+    """The classifier in a model directory (``imgrec train --out RUN``); reads only safetensors, JSON and ONNX.
+
+    ``backend``: ``auto`` takes the fastest one ``imgrec benchmark RUN`` recorded for these weights
+    (``imgrec.runtime.choose_backend``; ``backend_reason`` says why), a name from
+    ``imgrec.runtime.BACKENDS`` that one, None PyTorch at ``precision``.
+    """
     model, info = load_model_dir(run)
-    return Classifier(model, info, device=device, precision=precision, loader=loader)
+    reason = "asked for"
+    if backend == "auto":
+        backend, reason = choose_backend(run, resolve_device(device), precision)
+    onnx_path = Path(run) / ONNX_FILES[backend] if backend in ONNX_FILES else None
+    classifier = Classifier(model, info, device=device, precision=precision, loader=loader, backend=backend, onnx_path=onnx_path)
+    classifier.backend_reason = reason if backend else f"--precision {precision}"
+    return classifier
 
 
 __all__ = ["Classifier", "Prediction", "expand_inputs", "load"]

@@ -367,7 +367,7 @@ def evaluate(
     from imgrec.predict import load
     from imgrec.utils import write_json
 
-    classifier = load(run, device=device, precision=precision, loader=loader)
+    classifier = load(run, device=device, precision=precision, loader=loader, backend=None)
     skip_log = SkipLog()
     try:
         dataset = evaluation_dataset(
