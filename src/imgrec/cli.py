@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_parser(commands)
     add_probe_parser(commands)
 
-    from imgrec.cli_deploy import add_benchmark_parser, add_export_parser
+    from imgrec.cli_deploy import add_benchmark_parser, add_export_parser, add_serve_parser
 
     add_export_parser(commands)
     add_benchmark_parser(commands)
+    add_serve_parser(commands)
 
     p = commands.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion matrix of a trained model")
     p.add_argument("run", help="model directory (the --out of imgrec train)")
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    add_backend_argument(p)
     p.set_defaults(handler=run_predict)
 
     p = commands.add_parser("demo", help="synthetic dataset -> train -> evaluate -> predict -> HTML report, in a few minutes on a CPU")
@@ -409,12 +411,22 @@ def print_metrics(metrics: dict) -> None:
     )
 
 
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    from imgrec.runtime import BACKENDS
+
+    p.add_argument(
+        "--backend", choices=["auto", *BACKENDS], default="auto",
+        help="what runs the network; auto: the fastest that `imgrec benchmark RUN` recorded with >= 99%% agreement, else PyTorch at --precision",
+    )  # fmt: skip
+
+
 def run_predict(args: argparse.Namespace) -> int:
     import csv
 
     from imgrec.predict import load
 
-    classifier = load(args.run, device=args.device, precision=args.precision)
+    classifier = load(args.run, device=args.device, precision=args.precision, backend=args.backend)
+    print(f"backend: {classifier.backend} ({classifier.backend_reason})", file=sys.stderr)
     predictions = classifier.predict(args.paths, topk=args.topk, batch_size=args.batch_size)
     if args.format == "json":
         print(json.dumps([p.to_dict() for p in predictions], indent=2))

@@ -1,5 +1,5 @@
-"""The deployment commands of ``imgrec``: export and benchmark (serve to come). Thin layers over
-``imgrec.export`` and ``imgrec.benchmark``; no logic lives here."""
+"""The deployment commands of ``imgrec``: export, benchmark and serve. Thin layers over
+``imgrec.export``, ``imgrec.benchmark`` and ``imgrec.serve``; no logic lives here."""
 
 from __future__ import annotations
 
@@ -79,4 +79,39 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([r.__dict__ for r in results], f, indent=2)
+    return 0
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    from imgrec.cli import add_backend_argument
+    from imgrec.serve import ServeConfig
+
+    d = ServeConfig()
+    p = commands.add_parser("serve", help="serve a model directory over HTTP: Open Inference Protocol v2, POST /predict, a page at /, /metrics")
+    p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="the model's name in /v2/models/NAME (default: the run folder's name)")
+    p.add_argument("--device", default="auto")
+    add_backend_argument(p)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images in one forward pass (default {d.max_batch})")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help=f"how long a lone request waits for others to batch with (default {d.max_wait_ms:g})")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help=f"largest request body in MiB (default {d.max_body_bytes >> 20})")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"largest image in pixels, read from its header (default {d.max_pixels:,})")
+    p.add_argument("--max-images", type=int, default=d.max_images, help=f"images in one request (default {d.max_images})")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from imgrec.serve import ServeConfig, serve
+
+    name = args.name or Path(args.run).resolve().name
+    config = ServeConfig(
+        name=name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=int(args.max_body_mb * 2**20),
+        max_pixels=args.max_pixels, max_images=args.max_images,
+    )  # fmt: skip
+    serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend, config=config, access_log=args.access_log)
     return 0

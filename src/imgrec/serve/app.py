@@ -1,0 +1,324 @@
+"""``imgrec serve RUN``: the model directory behind HTTP (Starlette on uvicorn).
+
+Routes: the Open Inference Protocol v2 (``/v2``, ``/v2/health/live|ready``,
+``/v2/models/{name}[/versions/1]``, ``.../ready``, ``.../infer``; see ``imgrec.serve.protocol``),
+``POST /predict`` (a multipart upload in field ``file``, or a raw image body: top-k JSON, for
+curl), ``GET /`` (a page to drop an image on and see the top-5 as bars) and ``GET /metrics``
+(Prometheus). Images are decoded and cropped on worker threads; the network runs in dynamic
+batches (``imgrec.serve.batcher``). Every bad request is answered with a 4xx JSON error naming
+the problem, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import html
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from imgrec.data.decode import BadImageError, EncodedImage, load_sample
+from imgrec.predict import Classifier
+from imgrec.serve.batcher import DynamicBatcher
+from imgrec.serve.metrics import Metrics, MetricsMiddleware
+from imgrec.serve.protocol import InferRequest, RequestError, bad, encode_infer_response, parse_infer_request, parse_top_k
+
+log = logging.getLogger("imgrec.serve")
+DRAIN_LIMIT = 1 << 30  # an over-size body is read and dropped up to this, so the client hears the 413
+
+
+@dataclass
+class ServeConfig:
+    name: str = "imgrec"  # the model's name in /v2/models/{name}
+    max_batch: int = 16  # images in one forward pass
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_body_bytes: int = 32 << 20
+    max_pixels: int = 25_000_000  # per image, read from the header before decoding
+    max_images: int = 64  # per request
+
+
+class Server:
+    """The state behind the routes: the classifier, its batcher, the metrics."""
+
+    def __init__(self, classifier: Classifier, config: ServeConfig):
+        self.classifier, self.config = classifier, config
+        self.size = int(classifier.info["img_size"])
+        self.metrics = Metrics()
+        self.batcher = DynamicBatcher(
+            classifier.forward, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000, on_batch=self.metrics.observe_batch
+        )
+        self.ready = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):
+        await self.batcher.start()
+        warm = torch.zeros(1, 3, self.size, self.size)
+        await self.batcher(warm)  # the first call allocates (and, for compile, compiles): not a client's wait
+        self.ready = True
+        log.info("serving %s as %r with backend %s", self.classifier.info["architecture"], self.config.name, self.classifier.backend)
+        try:
+            yield
+        finally:
+            self.ready = False
+            await self.batcher.stop()
+
+    # -- inputs -------------------------------------------------------------------------------
+    def decode(self, name: str, data: bytes) -> torch.Tensor:
+        try:
+            return load_sample(EncodedImage(name, data), self.classifier.transform, self.config.max_pixels)
+        except BadImageError as exc:
+            if "pixels" in exc.reason:
+                raise bad("too_many_pixels", f"{name}: {exc.reason} (this server's limit: {self.config.max_pixels:,} pixels)", 413) from None
+            raise bad("bad_image", f"{name}: {exc.reason}") from None
+
+    def prepare(self, request: InferRequest) -> torch.Tensor:
+        """The normalised float batch of a parsed request (runs on a worker thread)."""
+        device = self.classifier.device
+        if request.datatype == "FP32":
+            return torch.from_numpy(request.array.copy()).to(device)
+        if request.datatype == "BYTES":
+            names = request.names or [f"input[{i}]" for i in range(len(request.images))]
+            images = [self.decode(name, data) for name, data in zip(names, request.images)]
+        else:
+            pixels = request.array.shape[2] * request.array.shape[3]
+            if pixels > self.config.max_pixels:
+                raise bad("too_many_pixels", f"UINT8 images of {pixels:,} pixels, over this server's limit of {self.config.max_pixels:,}", 413)
+            pixels_in = torch.from_numpy(np.array(request.array))  # a writable copy: the request's buffer is read-only
+            images = [self.classifier._prepare(f"input[{i}]", image) for i, image in enumerate(pixels_in)]
+            failed = next((p for p in images if not isinstance(p, torch.Tensor)), None)
+            if failed is not None:
+                raise bad("bad_image", f"{failed.source}: {failed.error}")
+        with torch.inference_mode():  # uint8 travels to the GPU, a quarter of float's bytes
+            return self.classifier.normalize(torch.stack(images).to(device)).float()
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, or a 413 once it passes the limit (the rest is read and dropped, so the client hears it)."""
+        limit = self.config.max_body_bytes
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise bad("unsupported_encoding", f"Content-Encoding {request.headers['content-encoding']!r} is not accepted: send the body uncompressed", 415)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > DRAIN_LIMIT:
+                break
+        if size > limit:
+            raise bad("body_too_large", f"request body of {size:,} bytes, over this server's limit of {limit:,} (imgrec serve --max-body-mb)", 413)
+        return b"".join(chunks)
+
+    async def logits(self, request: InferRequest) -> torch.Tensor:
+        inputs = await run_in_threadpool(self.prepare, request)
+        self.metrics.images.inc(len(inputs))
+        return await self.batcher(inputs)
+
+    def check_model(self, request: Request) -> None:
+        name, version = request.path_params["name"], request.path_params.get("version", "1")
+        if name != self.config.name or version != "1":
+            raise bad("unknown_model", f"no model {name!r} version {version!r} here: this server has {self.config.name!r} version '1'", 404)
+
+    # -- routes -------------------------------------------------------------------------------
+    async def server_metadata(self, request: Request) -> Response:
+        from imgrec import __version__
+
+        return JSONResponse({"name": "imgrec", "version": __version__, "extensions": ["binary_tensor_data", "classification"]})
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def server_ready(self, request: Request) -> Response:
+        return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
+
+    async def model_ready(self, request: Request) -> Response:
+        self.check_model(request)
+        return JSONResponse({"name": self.config.name, "ready": self.ready}, status_code=200 if self.ready else 503)
+
+    async def model_metadata(self, request: Request) -> Response:
+        self.check_model(request)
+        info, size, classes = self.classifier.info, self.size, len(self.classifier.classes)
+        return JSONResponse({
+            "name": self.config.name, "versions": ["1"], "platform": f"imgrec/{self.classifier.backend}",
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [-1]},
+                {"name": "pixels", "datatype": "UINT8", "shape": [-1, 3, -1, -1]},
+                {"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]},
+            ],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]}, {"name": "indices", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "classes", "datatype": "BYTES", "shape": [-1, -1]}, {"name": "names", "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+            ],
+            "parameters": {
+                "architecture": info["architecture"], "classes": self.classifier.classes, "img_size": size, "crop_pct": info["crop_pct"],
+                "mean": info["mean"], "std": info["std"], "interpolation": info["interpolation"], "top_k": 5,
+                "max_batch": self.config.max_batch, "max_images": self.config.max_images, "max_pixels": self.config.max_pixels,
+                "max_body_bytes": self.config.max_body_bytes, "one_input": "send exactly one of the inputs; its datatype says which",
+            },
+        })  # fmt: skip
+
+    async def infer(self, request: Request) -> Response:
+        self.check_model(request)
+        body = await self.read_body(request)
+        parsed = await run_in_threadpool(  # a large JSON body takes a while: not on the event loop
+            parse_infer_request, body, request.headers.get("inference-header-content-length"), image_size=self.size, max_images=self.config.max_images
+        )
+        logits = await self.logits(parsed)
+        content, headers = encode_infer_response(self.config.name, parsed, self.output_tensors(logits, parsed))
+        return Response(content, headers=headers)
+
+    def output_tensors(self, logits: torch.Tensor, request: InferRequest) -> dict[str, tuple[str, Any, list[int]]]:
+        classes, n = self.classifier.classes, len(logits)
+        k = min(request.top_k, len(classes))
+        probs = torch.softmax(logits.float(), dim=1)
+        values, indices = probs.topk(k, dim=1)
+        labels = [classes[i] for i in indices.flatten().tolist()]
+        names = [self.classifier.class_names.get(c, c) for c in labels]
+        tensors: dict[str, tuple[str, Any, list[int]]] = {
+            "probabilities": ("FP32", values.numpy().astype(np.float32), [n, k]),
+            "indices": ("INT64", indices.numpy().astype(np.int64), [n, k]),
+            "classes": ("BYTES", [c.encode() for c in labels], [n, k]),
+            "names": ("BYTES", [c.encode() for c in names], [n, k]),
+            "logits": ("FP32", logits.numpy().astype(np.float32), [n, len(classes)]),
+        }
+        for output in request.outputs:  # Triton's classification extension: "value:index:label" strings
+            count = (output.get("parameters") or {}).get("classification")
+            if count:
+                source = logits if output["name"] == "logits" else probs
+                top_values, top_indices = source.topk(min(count, len(classes)), dim=1)
+                strings = [f"{v:f}:{i}:{classes[i]}".encode() for v, i in zip(top_values.flatten().tolist(), top_indices.flatten().tolist())]
+                tensors[output["name"]] = ("BYTES", strings, [n, top_values.shape[1]])
+        return tensors
+
+    async def predict(self, request: Request) -> Response:
+        """``curl -F file=@cat.jpg HOST/predict`` (or the image as the raw body): the top-k classes as JSON."""
+        topk = request.query_params.get("topk", "5")
+        try:
+            k = parse_top_k(int(topk))
+        except ValueError:
+            raise bad("bad_request", f"query parameter topk must be a positive integer, got {topk[:20]!r}") from None
+        body = await self.read_body(request)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            name, data = await self.uploaded_file(request, body)
+        elif kind.startswith("image/") or kind in ("application/octet-stream", ""):
+            name, data = "the request body", body
+        else:
+            raise bad("unsupported_media", f"Content-Type {kind!r} is not accepted: upload multipart/form-data with field 'file', or the image itself", 415)
+        if not data:
+            raise bad("bad_image", f"{name}: empty file (0 bytes)")
+        logits = await self.logits(InferRequest("BYTES", images=[data], names=[name], top_k=k))
+        ranked = self.classifier.rank(logits, k, [name])[0].to_dict()
+        return JSONResponse({"model": self.config.name, "backend": self.classifier.backend, "top": ranked["top"]})
+
+    async def uploaded_file(self, request: Request, body: bytes) -> tuple[str, bytes]:
+        """(file name, bytes) of the multipart field ``file``."""
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        async def stream():
+            yield body
+
+        try:
+            form = await MultiPartParser(request.headers, stream(), max_files=4, max_fields=16).parse()
+        except MultiPartException as exc:
+            raise bad("bad_request", f"the multipart body cannot be read: {exc.message}") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise bad("bad_request", "no file in multipart field 'file': upload with curl -F file=@image.jpg")
+        return upload.filename or "the uploaded file", await upload.read()
+
+    async def page(self, request: Request) -> Response:
+        page = resources.files("imgrec.serve").joinpath("page.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("{{MODEL}}", html.escape(self.config.name)))
+
+    async def metrics_text(self, request: Request) -> Response:
+        content, content_type = self.metrics.render()
+        return Response(content, media_type=content_type)
+
+
+def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Starlette:
+    """The ASGI application serving ``classifier`` (run it with uvicorn, or ``serve``)."""
+    server = Server(classifier, config or ServeConfig())
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    def guarded(endpoint):
+        """``endpoint`` answering an unexpected exception with a JSON 500, logged, keeping the connection
+        (Starlette's last-resort handler re-raises, and uvicorn then drops the connection)."""
+
+        @functools.wraps(endpoint)
+        async def call(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except (RequestError, HTTPException, ClientDisconnect):
+                raise
+            except Exception as exc:
+                log.exception("error answering %s %s", request.method, request.url.path)
+                server.metrics.errors.labels("internal").inc()
+                return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "kind": "internal"}, status_code=500)
+
+        return call
+
+    routes = [
+        Route("/", server.page),
+        Route("/v2", server.server_metadata),
+        Route("/v2/health/live", server.live),
+        Route("/v2/health/ready", server.server_ready),
+        Route("/predict", server.predict, methods=["POST"]),
+        Route("/metrics", server.metrics_text),
+    ]
+    for prefix in (model, versioned):
+        routes += [
+            Route(prefix, server.model_metadata),
+            Route(prefix + "/ready", server.model_ready),
+            Route(prefix + "/infer", server.infer, methods=["POST"]),
+        ]
+    routes = [Route(r.path, guarded(r.endpoint), methods=r.methods) for r in routes]
+
+    async def request_error(request: Request, exc: RequestError) -> Response:
+        server.metrics.errors.labels(exc.kind).inc()
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        kind = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        server.metrics.errors.labels(kind).inc()
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}", "kind": kind}, status_code=exc.status_code)
+
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        server.metrics.errors.labels("client_disconnected").inc()
+        return Response(status_code=499)  # nobody reads it
+
+    app = Starlette(
+        routes=routes, lifespan=server.lifespan,
+        exception_handlers={RequestError: request_error, HTTPException: http_error, ClientDisconnect: client_gone},
+    )  # fmt: skip
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
+    app.state.server = server
+    return app
+
+
+def serve(
+    run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", backend: str = "auto", config: ServeConfig | None = None,
+    access_log: bool = False,
+) -> None:  # fmt: skip
+    """Load the model directory ``run`` and serve it until interrupted."""
+    import uvicorn
+
+    from imgrec.predict import load
+
+    classifier = load(run, device=device, backend=backend)
+    print(f"imgrec serve: {run} as model {(config or ServeConfig()).name!r}, backend {classifier.backend} ({classifier.backend_reason})", flush=True)
+    uvicorn.run(create_app(classifier, config), host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30)
+
+
+__all__ = ["ServeConfig", "Server", "create_app", "serve"]
