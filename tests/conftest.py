@@ -43,3 +43,20 @@ def tiny_shapes(tmp_path_factory, one_thread) -> Path:
 
     spec = SynthSpec(classes=3, train_per_class=8, val_per_class=4, min_side=40, max_side=60, clutter=0.0)
     return write_synth_dataset(tmp_path_factory.mktemp("shapes") / "data", spec, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:
+    """(model directory, dataset root): read only, shared by the module (copy it to change it)."""
+    from serving import train_tiny_run
+
+    root = tmp_path_factory.mktemp("serve")
+    return train_tiny_run(root), root / "data"
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_run):
+    """The tiny run's classifier, PyTorch fp32 on the CPU: the reference the server is checked against."""
+    from imgrec.predict import load
+
+    return load(tiny_run[0], device="cpu", backend="eager")

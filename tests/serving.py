@@ -1,0 +1,54 @@
+"""A real imgrec server for tests: uvicorn on a free loopback port, in a background thread.
+
+``running_server(classifier, config)`` yields the base URL and the ``Server`` object (its
+classifier, batcher and metrics), and stops the server afterwards. The fixtures ``tiny_run`` and
+``classifier`` (conftest.py) use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+
+
+def train_tiny_run(root: Path) -> Path:
+    """A test_resnet trained 2 epochs at 32 px on 3 synthetic classes (about 10 s): a real model directory."""
+    from imgrec.data.synth import SynthSpec, write_synth_dataset
+    from imgrec.engine.train import train
+
+    data = write_synth_dataset(root / "data", SynthSpec(classes=3, train_per_class=24, val_per_class=12, seed=4, min_side=40, max_side=64), workers=1)
+    return Path(
+        train(
+            data=str(data), out=str(root / "run"), model="test_resnet", epochs=2, batch_size=8, device="cpu", precision="fp32",
+            workers=0, tensorboard=False, data_config={"img_size": 32}, console=Console(file=io.StringIO()),
+        )  # fmt: skip
+    )
+
+
+@contextlib.contextmanager
+def running_server(classifier, config=None) -> Iterator[tuple[str, object]]:
+    import uvicorn
+
+    from imgrec.serve import create_app
+
+    app = create_app(classifier, config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="imgrec-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
