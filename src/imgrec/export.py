@@ -210,12 +210,13 @@ def quantize_int8(fp32: Path, path: Path, calibration: torch.Tensor, info: dict[
             batch = next(self.batches, None)
             return None if batch is None else {"input": batch.numpy()}
 
-    prepared = fp32.with_name("prepared.onnx")
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    quantize_static(
-        str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:  # the pre-processed copy is a step, not a result
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )  # fmt: skip
     model = onnx.load(str(path))
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps({**info, "quantization": "int8 static QDQ, onnxruntime"})
