@@ -382,6 +382,18 @@ BAD_REQUESTS = {
         ["input[0]", "400x300"]),
     "decompression bomb": (
         "POST", INFER, lambda g: {"json": bytes_request([decompression_bomb()])}, 413, "too_many_pixels", ["input[0]", "3,600,000,000 pixels"]),
+    "long thin strip (few pixels, a huge resize)": (
+        "POST", INFER, lambda g: {"json": bytes_request([image_bytes(gradient(400, 2), "PNG")])}, 413, "too_many_pixels",
+        ["input[0]", "400x2", "would be resized", "nearer to square"]),
+    "uint8 long thin strip": (
+        "POST", INFER, lambda g: {"json": {"inputs": [{"name": "p", "datatype": "UINT8", "shape": [1, 3, 1, 300], "data": [0] * 900}]}},
+        413, "too_many_pixels", ["300x1", "would be resized"]),
+    "an output asked for twice": (
+        "POST", INFER, lambda g: {"json": {**bytes_request([g]), "outputs": [{"name": "logits"}, {"name": "logits"}]}}, 400, "bad_request",
+        ["more than once", "logits, logits"]),
+    "huge fp32 values": (
+        "POST", INFER, lambda g: {"json": {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [1e30] * 3072}]}},
+        400, "bad_value", ["beyond", "normalised model input"]),
     "corrupt bytes": (
         "POST", INFER, lambda g: {"json": bytes_request([g, b"\x00garbage" * 100])}, 400, "bad_image", ["input[1]", "not an image"]),
     "truncated jpeg": (
@@ -518,7 +530,7 @@ def test_an_internal_error_is_a_json_500_and_the_connection_stays_usable(served,
     connection.request("POST", INFER, body=body, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 500
-    assert json.loads(response.read()) == {"error": "internal error: RuntimeError: boom", "kind": "internal"}
+    assert json.loads(response.read()) == {"error": "internal error (RuntimeError); the server log has the details", "kind": "internal"}
     monkeypatch.undo()
     sock = connection.sock
     # the same keep-alive connection answers the next request (Starlette's own last resort would drop it)
@@ -755,6 +767,43 @@ def test_batcher_survives_inputs_that_cannot_be_batched_together():
     assert later.tolist() == sums(3)
 
 
+def test_batcher_answers_a_forward_with_the_wrong_row_count_with_an_error_and_goes_on():
+    calls = []
+
+    def forward(x):
+        calls.append(len(x))
+        return torch.zeros(len(x) - 1 if len(calls) == 1 else len(x), 2)  # the first call loses a row
+
+    from imgrec.serve.batcher import DynamicBatcher
+
+    async def scenario():
+        batcher = DynamicBatcher(forward, max_batch=4, max_wait=0.0)
+        await batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="1 rows of logits for a batch of 2"):
+                await batcher(torch.zeros(2, 3))
+            return await asyncio.wait_for(batcher(torch.zeros(3, 3)), 10)
+        finally:
+            await batcher.stop()
+
+    assert tuple(asyncio.run(scenario()).shape) == (3, 2) and calls == [2, 3]
+
+
+def test_overload_is_a_503_with_retry_after(classifier, val_files):
+    from imgrec.serve import ServeConfig
+
+    with running_server(classifier, ServeConfig(name=MODEL, max_queue=2)) as (base_url, server):
+        with httpx.Client(base_url=base_url, timeout=30) as http:
+            assert http.post(INFER, json=bytes_request([good_jpeg(val_files)] * 2)).status_code == 200  # at the limit
+            server.in_flight = 1  # as if another request were being classified
+            response = http.post(INFER, json=bytes_request([good_jpeg(val_files)] * 2))
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+            assert response.json()["kind"] == "overloaded" and "--max-queue" in response.json()["error"]
+            server.in_flight = 0
+            assert http.post(INFER, json=bytes_request([good_jpeg(val_files)])).status_code == 200
+            assert server.in_flight == 0  # every request gave its images back
+
+
 def test_server_batches_concurrent_requests(batching_server, classifier, val_files):
     base_url, server = batching_server
     files = val_files[:8]
@@ -805,10 +854,9 @@ def test_prepare_puts_images_on_the_classifiers_device(tiny_run, val_files):
 
 # -- backends: choose_backend and ONNX ---------------------------------------------------------
 def default_backend(device: torch.device) -> str:
-    from imgrec.engine.hardware import resolve_precision
+    from imgrec.runtime import default_backend as runtime_default
 
-    precision = resolve_precision("auto", device)
-    return {"fp32": "channels_last"}.get(precision, precision)
+    return runtime_default("auto", device)
 
 
 def result(backend: str, images_per_s: float, top1_agreement: float) -> SimpleNamespace:
@@ -856,16 +904,21 @@ def test_choose_backend_takes_the_fastest_agreeing_backend(run_copy):
     assert backend == default_backend(cpu) and "99% agreement" in reason
 
 
-def test_choose_backend_needs_the_onnx_files(run_copy):
+def test_choose_backend_needs_the_onnx_files_it_measured(run_copy):
     from imgrec.runtime import choose_backend, record_benchmark
 
     cpu = torch.device("cpu")
-    record_benchmark(run_copy, [result("eager", 100, 100.0), result("onnx", 500, 100.0), result("onnx-int8", 800, 99.5)], batch=8)
+    rows = [result("eager", 100, 100.0), result("onnx", 500, 100.0), result("onnx-int8", 800, 99.5)]
+    record_benchmark(run_copy, rows, batch=8)
+    assert choose_backend(run_copy, cpu)[0] == "eager"  # no ONNX file was there to measure
+    (run_copy / "model.onnx").write_bytes(b"stand-in")  # appeared after the benchmark: not the file measured
     assert choose_backend(run_copy, cpu)[0] == "eager"
-    (run_copy / "model.onnx").write_bytes(b"stand-in")  # choose_backend looks for the file only
-    assert choose_backend(run_copy, cpu)[0] == "onnx"
-    (run_copy / "model.int8.onnx").write_bytes(b"stand-in")
+    (run_copy / "model.int8.onnx").write_bytes(b"measured int8")
+    record_benchmark(run_copy, rows, batch=8)  # the benchmark records each file's SHA-256
     assert choose_backend(run_copy, cpu)[0] == "onnx-int8"
+    (run_copy / "model.int8.onnx").write_bytes(b"a later export that failed its check")
+    backend, reason = choose_backend(run_copy, cpu)
+    assert backend == "onnx" and "500.0 img/s" in reason  # the int8 file is not the one measured; fp32's still is
 
 
 def test_choose_backend_ignores_a_benchmark_of_other_weights_or_device(run_copy):

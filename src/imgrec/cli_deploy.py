@@ -99,6 +99,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help=f"largest request body in MiB (default {d.max_body_bytes >> 20})")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"largest image in pixels, read from its header (default {d.max_pixels:,})")
     p.add_argument("--max-images", type=int, default=d.max_images, help=f"images in one request (default {d.max_images})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"images decoded or queued at once; past it requests get 503 (default {d.max_queue})")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(handler=run_serve)
 
@@ -111,7 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.name or Path(args.run).resolve().name
     config = ServeConfig(
         name=name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=int(args.max_body_mb * 2**20),
-        max_pixels=args.max_pixels, max_images=args.max_images,
+        max_pixels=args.max_pixels, max_images=args.max_images, max_queue=args.max_queue,
     )  # fmt: skip
     serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend, config=config, access_log=args.access_log)
     return 0

@@ -24,7 +24,7 @@ from imgrec.data.decode import BadImageError, load_sample, to_rgb
 from imgrec.data.folder import iter_image_files
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.engine.hardware import flush_denormals, resolve_device, resolve_precision
-from imgrec.runtime import ONNX_FILES, TORCH_BACKENDS, choose_backend, make_backend
+from imgrec.runtime import ONNX_FILES, TORCH_BACKENDS, choose_backend, default_backend, make_backend
 
 GLOB_CHARS = "*?["
 
@@ -79,7 +79,7 @@ class Classifier:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         flush_denormals(self.device)
-        self.backend = backend or {"fp32": "channels_last"}.get(self.precision, self.precision)
+        self.backend = backend or default_backend(self.precision, self.device)
         if self.backend in TORCH_BACKENDS:
             self.precision = resolve_precision(TORCH_BACKENDS[self.backend][0], self.device)
         self.model = model.eval()
@@ -195,10 +195,18 @@ def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto
     """
     model, info = load_model_dir(run)
     reason = "asked for"
+    chosen = backend
     if backend == "auto":
-        backend, reason = choose_backend(run, resolve_device(device), precision)
-    onnx_path = Path(run) / ONNX_FILES[backend] if backend in ONNX_FILES else None
-    classifier = Classifier(model, info, device=device, precision=precision, loader=loader, backend=backend, onnx_path=onnx_path)
+        chosen, reason = choose_backend(run, resolve_device(device), precision)
+    onnx_path = Path(run) / ONNX_FILES[chosen] if chosen in ONNX_FILES else None
+    try:
+        classifier = Classifier(model, info, device=device, precision=precision, loader=loader, backend=chosen, onnx_path=onnx_path)
+    except Exception as exc:
+        if backend != "auto" or onnx_path is None:
+            raise
+        # the benchmarked file no longer opens: PyTorch rather than no predictions
+        chosen, reason = default_backend(precision, resolve_device(device)), f"{onnx_path} does not load ({type(exc).__name__}: {exc})"
+        classifier = Classifier(model, info, device=device, precision=precision, loader=loader, backend=chosen)
     classifier.backend_reason = reason if backend else f"--precision {precision}"
     return classifier
 

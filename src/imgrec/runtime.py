@@ -86,12 +86,22 @@ def make_backend(
     raise ValueError(f"unknown backend {name!r}: choose from auto, {', '.join(BACKENDS)}")
 
 
+def default_backend(precision: str, device: torch.device) -> str:
+    """The PyTorch backend of a precision: channels_last at fp32, else bf16 or fp16 (``auto``: the hardware's best)."""
+    resolved = resolve_precision(precision, device)
+    return "channels_last" if resolved == "fp32" else resolved
+
+
 def weights_digest(run: str | os.PathLike) -> str:
     """SHA-256 of RUN/model.safetensors: a benchmark applies to these weights only."""
     from imgrec.checkpoint import WEIGHTS_NAME
 
+    return file_digest(Path(run) / WEIGHTS_NAME)
+
+
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(Path(run) / WEIGHTS_NAME, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -112,11 +122,17 @@ def record_benchmark(run: str | os.PathLike, results: list[Any], batch: int) -> 
     from imgrec.utils import write_json
 
     path = Path(run) / BENCHMARK_NAME
+    rows = []
+    for r in results:
+        row = dict(r.__dict__)
+        if row["backend"] in ONNX_FILES and (Path(run) / ONNX_FILES[row["backend"]]).is_file():  # the very file measured
+            row["file_sha256"] = file_digest(Path(run) / ONNX_FILES[row["backend"]])
+        rows.append(row)
     write_json(
         path,
         {
             "weights_sha256": weights_digest(run), "device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(),
-            "batch": batch, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [r.__dict__ for r in results],
+            "batch": batch, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows,
         },
     )  # fmt: skip
     return path
@@ -127,7 +143,7 @@ def choose_backend(run: str | os.PathLike, device: torch.device, precision: str 
 
     A precision other than ``auto`` asks for PyTorch at that precision, whatever was benchmarked.
     """
-    default = {"fp32": "channels_last"}.get(resolve_precision(precision, device), resolve_precision(precision, device))
+    default = default_backend(precision, device)
     if precision != "auto":
         return default, f"--precision {precision}"
     path = Path(run) / BENCHMARK_NAME
@@ -137,21 +153,29 @@ def choose_backend(run: str | os.PathLike, device: torch.device, precision: str 
         return default, f"{BENCHMARK_NAME} was measured on the CPU, this runs on {device}"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        results = record["results"]
-        recorded_digest = record["weights_sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        results = [r for r in record["results"] if isinstance(r, dict)]
+        recorded_digest, recorded_cpu = record["weights_sha256"], record.get("cpu")
+        usable = [
+            r for r in results
+            if r.get("backend") in BACKENDS and isinstance(r.get("images_per_s"), (int, float)) and r["images_per_s"] > 0
+            and isinstance(r.get("top1_agreement"), (int, float)) and r["top1_agreement"] >= MIN_AGREEMENT
+        ]  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return default, f"{path} is unreadable ({exc}): run `imgrec benchmark {run}` again"
     if recorded_digest != weights_digest(run):
         return default, f"the weights changed since {BENCHMARK_NAME} was written: run `imgrec benchmark {run}` again"
-    usable = [
-        r for r in results
-        if r.get("images_per_s") and (r.get("top1_agreement") or 0) >= MIN_AGREEMENT and r["backend"] in BACKENDS
-        and (r["backend"] not in ONNX_FILES or (Path(run) / ONNX_FILES[r["backend"]]).is_file())
-    ]  # fmt: skip
+    if recorded_cpu is not None and recorded_cpu != cpu_name():
+        return default, f"{BENCHMARK_NAME} was measured on another CPU ({recorded_cpu}): run `imgrec benchmark {run}` here"
+    usable = [r for r in usable if r["backend"] not in ONNX_FILES or onnx_file_matches(Path(run) / ONNX_FILES[r["backend"]], r.get("file_sha256"))]
     if not usable:
-        return default, f"no backend in {BENCHMARK_NAME} has {MIN_AGREEMENT:.0f}% agreement and its files"
+        return default, f"no backend in {BENCHMARK_NAME} has {MIN_AGREEMENT:.0f}% agreement and its files as measured"
     best = max(usable, key=lambda r: r["images_per_s"])
     return best["backend"], f"fastest in {BENCHMARK_NAME}: {best['images_per_s']:.1f} img/s, {best['top1_agreement']:.2f}% top-1 agreement"
 
 
-__all__ = ["BACKENDS", "BENCHMARK_NAME", "ONNX_FILES", "choose_backend", "make_backend", "record_benchmark", "torch_forward", "weights_digest"]
+def onnx_file_matches(path: Path, recorded: str | None) -> bool:
+    """Whether ``path`` is the ONNX file the benchmark measured (a later export may have replaced it)."""
+    return path.is_file() and recorded is not None and file_digest(path) == recorded
+
+
+__all__ = ["BACKENDS", "BENCHMARK_NAME", "ONNX_FILES", "choose_backend", "default_backend", "make_backend", "record_benchmark", "torch_forward", "weights_digest"]

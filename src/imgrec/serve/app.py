@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import html
+import io
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -47,6 +49,7 @@ class ServeConfig:
     max_body_bytes: int = 32 << 20
     max_pixels: int = 25_000_000  # per image, read from the header before decoding
     max_images: int = 64  # per request
+    max_queue: int = 256  # images decoded or waiting for the network; past it a request gets 503 + Retry-After
 
 
 class Server:
@@ -60,12 +63,14 @@ class Server:
             classifier.forward, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000, on_batch=self.metrics.observe_batch
         )
         self.ready = False
+        self.in_flight = 0  # images between decoding and their answer
+        self.page_html = resources.files("imgrec.serve").joinpath("page.html").read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(config.name))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
         await self.batcher.start()
-        warm = torch.zeros(1, 3, self.size, self.size)
-        await self.batcher(warm)  # the first call allocates (and, for compile, compiles): not a client's wait
+        for batch in sorted({1, self.config.max_batch}):  # first calls allocate (and compile has both shapes to build): not a client's wait
+            await self.batcher(torch.zeros(batch, 3, self.size, self.size, device=self.classifier.device))
         self.ready = True
         log.info("serving %s as %r with backend %s", self.classifier.info["architecture"], self.config.name, self.classifier.backend)
         try:
@@ -75,7 +80,28 @@ class Server:
             await self.batcher.stop()
 
     # -- inputs -------------------------------------------------------------------------------
+    def check_resized_pixels(self, name: str, height: int, width: int) -> None:
+        """Refuse an image whose eval resize (shorter side to img_size / crop_pct) would exceed the pixel limit:
+        a 1 x 1,000,000 strip has few pixels but would be resized to hundreds of millions."""
+        short, long = sorted((max(1, height), max(1, width)))
+        side = self.size / float(self.classifier.info["crop_pct"])
+        resized = side * side * long / short
+        if resized > self.config.max_pixels:
+            raise bad(
+                "too_many_pixels",
+                f"{name}: {width}x{height} would be resized to {resized:,.0f} pixels, over this server's limit of "
+                f"{self.config.max_pixels:,}: crop it nearer to square",
+                413,
+            )
+
     def decode(self, name: str, data: bytes) -> torch.Tensor:
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                width, height = header.size
+        except Exception:  # not an image: load_sample says why
+            pass
+        else:
+            self.check_resized_pixels(name, height, width)
         try:
             return load_sample(EncodedImage(name, data), self.classifier.transform, self.config.max_pixels)
         except BadImageError as exc:
@@ -95,6 +121,7 @@ class Server:
             pixels = request.array.shape[2] * request.array.shape[3]
             if pixels > self.config.max_pixels:
                 raise bad("too_many_pixels", f"UINT8 images of {pixels:,} pixels, over this server's limit of {self.config.max_pixels:,}", 413)
+            self.check_resized_pixels("input", *request.array.shape[2:])
             pixels_in = torch.from_numpy(np.array(request.array))  # a writable copy: the request's buffer is read-only
             images = [self.classifier._prepare(f"input[{i}]", image) for i, image in enumerate(pixels_in)]
             failed = next((p for p in images if not isinstance(p, torch.Tensor)), None)
@@ -120,9 +147,16 @@ class Server:
         return b"".join(chunks)
 
     async def logits(self, request: InferRequest) -> torch.Tensor:
-        inputs = await run_in_threadpool(self.prepare, request)
-        self.metrics.images.inc(len(inputs))
-        return await self.batcher(inputs)
+        if self.in_flight + request.count > self.config.max_queue:
+            raise RequestError(503, "overloaded", f"{self.in_flight} images are being classified, the most this server queues is "
+                               f"{self.config.max_queue} (--max-queue): retry in a moment")  # fmt: skip
+        self.in_flight += request.count
+        try:
+            inputs = await run_in_threadpool(self.prepare, request)
+            self.metrics.images.inc(len(inputs))
+            return await self.batcher(inputs)
+        finally:
+            self.in_flight -= request.count
 
     def check_model(self, request: Request) -> None:
         name, version = request.path_params["name"], request.path_params.get("version", "1")
@@ -175,7 +209,7 @@ class Server:
             parse_infer_request, body, request.headers.get("inference-header-content-length"), image_size=self.size, max_images=self.config.max_images
         )
         logits = await self.logits(parsed)
-        content, headers = encode_infer_response(self.config.name, parsed, self.output_tensors(logits, parsed))
+        content, headers = await run_in_threadpool(lambda: encode_infer_response(self.config.name, parsed, self.output_tensors(logits, parsed)))
         return Response(content, headers=headers)
 
     def output_tensors(self, logits: torch.Tensor, request: InferRequest) -> dict[str, tuple[str, Any, list[int]]]:
@@ -233,14 +267,16 @@ class Server:
             form = await MultiPartParser(request.headers, stream(), max_files=4, max_fields=16).parse()
         except MultiPartException as exc:
             raise bad("bad_request", f"the multipart body cannot be read: {exc.message}") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise bad("bad_request", "no file in multipart field 'file': upload with curl -F file=@image.jpg")
-        return upload.filename or "the uploaded file", await upload.read()
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise bad("bad_request", "no file in multipart field 'file': upload with curl -F file=@image.jpg")
+            return upload.filename or "the uploaded file", await upload.read()
+        finally:
+            await form.close()
 
     async def page(self, request: Request) -> Response:
-        page = resources.files("imgrec.serve").joinpath("page.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{MODEL}}", html.escape(self.config.name)))
+        return HTMLResponse(self.page_html)
 
     async def metrics_text(self, request: Request) -> Response:
         content, content_type = self.metrics.render()
@@ -265,7 +301,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Sta
             except Exception as exc:
                 log.exception("error answering %s %s", request.method, request.url.path)
                 server.metrics.errors.labels("internal").inc()
-                return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "kind": "internal"}, status_code=500)
+                return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the details", "kind": "internal"}, status_code=500)
 
         return call
 
@@ -287,7 +323,8 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Sta
 
     async def request_error(request: Request, exc: RequestError) -> Response:
         server.metrics.errors.labels(exc.kind).inc()
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")

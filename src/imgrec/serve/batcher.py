@@ -92,6 +92,9 @@ class DynamicBatcher:
             try:
                 batch = torch.cat([x for x, _ in items])
                 logits = await loop.run_in_executor(self.executor, self._forward_chunks, batch)
+                if len(logits) != len(batch):
+                    raise RuntimeError(f"the model gave {len(logits)} rows of logits for a batch of {len(batch)}")
+                parts = logits.split([len(x) for x, _ in items])
             except Exception as exc:  # every request of the batch hears of it; the batcher goes on
                 for _, future in items:
                     if not future.done():
@@ -99,7 +102,7 @@ class DynamicBatcher:
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch), time.perf_counter() - started)
-            for (x, future), rows in zip(items, logits.split([len(x) for x, _ in items])):
+            for (_, future), rows in zip(items, parts):
                 if not future.done():
                     future.set_result(rows)
 

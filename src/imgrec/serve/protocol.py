@@ -33,6 +33,7 @@ import numpy as np
 OUTPUTS = ("probabilities", "indices", "classes", "names", "logits")
 DEFAULT_OUTPUTS = ("probabilities", "indices", "classes", "names")
 NUMPY_TYPES = {"FP32": np.float32, "UINT8": np.uint8, "INT64": np.int64}
+MAX_FP32_INPUT = 1e4  # normalised pixels lie within about +-3; far larger values only overflow the network
 
 
 class RequestError(Exception):
@@ -138,8 +139,8 @@ def parse_infer_request(body: bytes, header_length: str | None, *, image_size: i
         if array.size != math.prod(shape):
             raise bad("bad_shape", f"shape {shape} needs {math.prod(shape)} values, the data holds {array.size}")
         array = array.reshape(shape)
-    if datatype == "FP32" and not np.isfinite(array).all():
-        raise bad("bad_value", "the FP32 input holds NaN or infinite values")
+    if datatype == "FP32" and not (np.abs(array) <= MAX_FP32_INPUT).all():  # also catches NaN
+        raise bad("bad_value", f"the FP32 input holds values beyond +-{MAX_FP32_INPUT:g}, NaN or infinity: send the normalised model input")
     parsed.array = np.ascontiguousarray(array.transpose(0, 3, 1, 2) if datatype == "UINT8" and shape[1] != 3 else array)
     return parsed
 
@@ -164,6 +165,9 @@ def parse_outputs(outputs: Any) -> list[dict[str, Any]]:
         return []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise bad("bad_request", "'outputs' must be a list of objects with a 'name'")
+    names = [o.get("name") for o in outputs]
+    if len(set(map(str, names))) != len(names):
+        raise bad("bad_request", f"'outputs' names an output more than once: {', '.join(map(str, names))[:200]}")
     for output in outputs:
         if output.get("name") not in OUTPUTS:
             raise bad("unknown_output", f"unknown output {str(output.get('name'))[:40]!r}: this model gives {', '.join(OUTPUTS)}")
