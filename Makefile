@@ -33,6 +33,7 @@ bench: demo  # eval_parity.py measures the demo model
 	$(PY) benchmarks/shards_vs_folder.py
 	$(PY) benchmarks/ssl_transfer.py
 	$(PY) benchmarks/ddp_scaling.py --gpu
+	$(PY) benchmarks/serve_load.py --run $(DEMO)
 
 constraints: venv
 	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -e "^imgrec" -e "^ruff=="; } > constraints.new && mv constraints.new constraints.txt
