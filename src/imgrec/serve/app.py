@@ -214,18 +214,16 @@ class Server:
 
     def output_tensors(self, logits: torch.Tensor, request: InferRequest) -> dict[str, tuple[str, Any, list[int]]]:
         classes, n = self.classifier.classes, len(logits)
-        k = min(request.top_k, len(classes))
-        probs = torch.softmax(logits.float(), dim=1)
-        values, indices = probs.topk(k, dim=1)
-        labels = [classes[i] for i in indices.flatten().tolist()]
-        names = [self.classifier.class_names.get(c, c) for c in labels]
+        rows = self.classifier.rank(logits, request.top_k, [""] * n)
+        k = len(rows[0].labels)
         tensors: dict[str, tuple[str, Any, list[int]]] = {
-            "probabilities": ("FP32", values.numpy().astype(np.float32), [n, k]),
-            "indices": ("INT64", indices.numpy().astype(np.int64), [n, k]),
-            "classes": ("BYTES", [c.encode() for c in labels], [n, k]),
-            "names": ("BYTES", [c.encode() for c in names], [n, k]),
+            "probabilities": ("FP32", np.array([r.probs for r in rows], dtype=np.float32), [n, k]),
+            "indices": ("INT64", np.array([r.indices for r in rows], dtype=np.int64), [n, k]),
+            "classes": ("BYTES", [c.encode() for r in rows for c in r.labels], [n, k]),
+            "names": ("BYTES", [c.encode() for r in rows for c in (r.names or r.labels)], [n, k]),
             "logits": ("FP32", logits.numpy().astype(np.float32), [n, len(classes)]),
         }
+        probs = torch.softmax(logits.float(), dim=1)
         for output in request.outputs:  # Triton's classification extension: "value:index:label" strings
             count = (output.get("parameters") or {}).get("classification")
             if count:
