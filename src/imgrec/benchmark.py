@@ -31,7 +31,7 @@ from imgrec.checkpoint import load_model_dir
 from imgrec.engine.hardware import flush_denormals
 from imgrec.export import parity_files, preprocess, quantize_int8, top1_agreement, write_onnx, write_sidecar
 from imgrec.predict import Classifier
-from imgrec.runtime import BACKENDS, ONNX_FILES, make_backend, record_benchmark
+from imgrec.runtime import BACKENDS, MIN_AGREEMENT, ONNX_FILES, make_backend, record_benchmark
 
 
 @dataclass
@@ -161,7 +161,7 @@ def benchmark(
     return results
 
 
-def best_backend(results: list[BackendResult], min_agreement: float = 99.0) -> BackendResult:
+def best_backend(results: list[BackendResult], min_agreement: float = MIN_AGREEMENT) -> BackendResult:
     """The fastest backend at the large batch whose top-1 agreement is at least ``min_agreement``."""
     good = [r for r in results if r.images_per_s is not None and (r.top1_agreement or 0) >= min_agreement]
     return max(good, key=lambda r: r.images_per_s)

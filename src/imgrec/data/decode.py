@@ -39,6 +39,10 @@ class BadImageError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+class TooManyPixelsError(BadImageError):
+    """An image whose header declares more pixels than allowed (a decompression bomb, or a huge image)."""
+
+
 class EncodedImage(NamedTuple):
     """An encoded image file held in memory (a member of a tar shard, an upload), named for messages."""
 
@@ -123,7 +127,7 @@ def decode_file(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
     except Image.DecompressionBombError as exc:  # Pillow's own hard cap, hit before ours can look
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         count = f"{int(declared.group(1)):,} pixels declared" if declared else str(exc)
-        raise BadImageError(name, f"too many pixels: {count}, over the limit (a decompression bomb, or a huge image)") from None
+        raise TooManyPixelsError(name, f"too many pixels: {count}, over the limit (a decompression bomb, or a huge image)") from None
     except Image.UnidentifiedImageError:
         if _starts_like_an_image(data[:16]):  # e.g. a PNG cut off after its header: Pillow can't open it
             raise BadImageError(
@@ -152,7 +156,7 @@ def check_pixel_count(path: str | os.PathLike, size: tuple[int, int], max_pixels
     if width <= 0 or height <= 0:
         raise BadImageError(path, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
-        raise BadImageError(
+        raise TooManyPixelsError(
             path,
             f"too many pixels: {width}x{height} = {width * height:,} is over the limit of "
             f"{max_pixels:,} (a decompression bomb, or a huge image: raise --max-pixels to allow it)",

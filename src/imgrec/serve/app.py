@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from imgrec.data.decode import BadImageError, EncodedImage, load_sample
+from imgrec.data.decode import BadImageError, EncodedImage, TooManyPixelsError, load_sample
 from imgrec.predict import Classifier
 from imgrec.serve.batcher import DynamicBatcher
 from imgrec.serve.metrics import Metrics, MetricsMiddleware
@@ -104,9 +104,9 @@ class Server:
             self.check_resized_pixels(name, height, width)
         try:
             return load_sample(EncodedImage(name, data), self.classifier.transform, self.config.max_pixels)
+        except TooManyPixelsError as exc:
+            raise bad("too_many_pixels", f"{name}: {exc.reason} (this server's limit: {self.config.max_pixels:,} pixels)", 413) from None
         except BadImageError as exc:
-            if "pixels" in exc.reason:
-                raise bad("too_many_pixels", f"{name}: {exc.reason} (this server's limit: {self.config.max_pixels:,} pixels)", 413) from None
             raise bad("bad_image", f"{name}: {exc.reason}") from None
 
     def prepare(self, request: InferRequest) -> torch.Tensor:
@@ -223,11 +223,10 @@ class Server:
             "names": ("BYTES", [c.encode() for r in rows for c in (r.names or r.labels)], [n, k]),
             "logits": ("FP32", logits.numpy().astype(np.float32), [n, len(classes)]),
         }
-        probs = torch.softmax(logits.float(), dim=1)
         for output in request.outputs:  # Triton's classification extension: "value:index:label" strings
             count = (output.get("parameters") or {}).get("classification")
             if count:
-                source = logits if output["name"] == "logits" else probs
+                source = logits if output["name"] == "logits" else torch.softmax(logits.float(), dim=1)
                 top_values, top_indices = source.topk(min(count, len(classes)), dim=1)
                 strings = [f"{v:f}:{i}:{classes[i]}".encode() for v, i in zip(top_values.flatten().tolist(), top_indices.flatten().tolist())]
                 tensors[output["name"]] = ("BYTES", strings, [n, top_values.shape[1]])
@@ -286,6 +285,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Sta
     server = Server(classifier, config or ServeConfig())
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
+
     def guarded(endpoint):
         """``endpoint`` answering an unexpected exception with a JSON 500, logged, keeping the connection
         (Starlette's last-resort handler re-raises, and uvicorn then drops the connection)."""
