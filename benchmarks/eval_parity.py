@@ -21,7 +21,7 @@ from imgrec.data.folder import iter_image_files
 from imgrec.data.synth import write_synth_dataset
 from imgrec.demo import DEMO_DATA, run_demo
 from imgrec.engine.evaluate import evaluate
-from imgrec.predict import load
+from imgrec.inference.predict import load
 
 
 def agreement(run: Path, folder: Path) -> float:

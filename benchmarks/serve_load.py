@@ -37,6 +37,8 @@ from pathlib import Path
 
 import httpx
 
+from imgrec.card import ModelCard
+
 MAX_BODY_MB = 1  # the server's limit in this test, so that an over-size body is cheap to send
 
 
@@ -144,7 +146,7 @@ def main() -> None:
     if not 0 < args.seconds <= 600 or not 0 < args.clients <= 256:
         raise SystemExit("--seconds must be in (0, 600] and --clients in (0, 256]: this is a bounded loopback test")
     run = Path(args.run)
-    info = json.loads((run / "model.json").read_text())
+    card = ModelCard.read(run)
     import yaml
 
     val = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]) / "val"
@@ -169,7 +171,7 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit(f"the server exited: {server.stdout.read()[-2000:]}")
             time.sleep(0.1)
-        bad = malformed_requests(model, images[0], info["img_size"])
+        bad = malformed_requests(model, images[0], card.img_size)
         rss_ready = rss_mib(server.pid)
         asyncio.run(load(url, model, images, bad, args.warmup, args.clients, args.malformed, seed=1))
         rss_before = rss_mib(server.pid)
@@ -193,7 +195,7 @@ def main() -> None:
     batch_sum = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("imgrec_batch_size_sum"))
     batch_count = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("imgrec_batch_size_count"))
     result = {
-        "run": str(run), "architecture": info["architecture"], "img_size": info["img_size"], "clients": args.clients, "seconds": round(elapsed, 1),
+        "run": str(run), "architecture": card.architecture, "img_size": card.img_size, "clients": args.clients, "seconds": round(elapsed, 1),
         "requests": len(log), "valid": len(valid), "malformed": len(malformed),
         "valid_per_s": round(sum(r[1] == 200 for r in valid) / elapsed, 1),
         "p50_ms": round(1000 * statistics.median(ok_latency), 1) if ok_latency else None,

@@ -36,7 +36,7 @@ from imgrec.data.shard_writer import parse_size, write_shards
 from imgrec.data.shards import ShardDataset
 from imgrec.data.synth import SynthSpec, write_synth_dataset
 from imgrec.data.transforms import eval_transform
-from imgrec.runtime import cpu_name
+from imgrec.inference.choice import cpu_name
 from imgrec.utils import available_cpus
 
 

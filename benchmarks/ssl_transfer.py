@@ -29,9 +29,9 @@ from rich.console import Console
 
 from imgrec.data.synth import SynthSpec
 from imgrec.demo import demo_dataset
-from imgrec.engine.pretrain import pretrain
 from imgrec.engine.probe import probe
-from imgrec.engine.train import train
+from imgrec.engine.tasks.classify import train
+from imgrec.engine.tasks.pretrain import pretrain
 
 BENCH_DATA = SynthSpec(classes=10, train_per_class=300, val_per_class=60, seed=0, min_side=96, max_side=128, clutter=0.0, background=0.0)
 IMAGE = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear"}

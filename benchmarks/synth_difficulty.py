@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from imgrec.config import DataConfig
-from imgrec.data.folder import load_splits
 from imgrec.data.loader import create_loader
+from imgrec.data.splits import load_splits
 from imgrec.data.synth import SynthSpec, write_synth_dataset
 from imgrec.data.transforms import BatchNormalize, EvalTransform, TrainTransform
 

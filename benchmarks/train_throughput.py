@@ -5,8 +5,9 @@ folder of JPEGs, end to end (loading, augmentation, transfer, forward, backward,
 
 - plain: torchvision ``ImageFolder`` + ``RandomResizedCrop`` + flip + ``ToTensor`` + ``Normalize``,
   a ``DataLoader``, fp32, ``CrossEntropyLoss``, AdamW; the loop from the tutorials.
-- imgrec: the engine's own epoch (``imgrec.engine.train.train_one_epoch``) with its defaults:
-  uint8 batches normalised on the device, bf16 autocast where the CPU has it, channels_last.
+- imgrec: the trainer's own epoch (``imgrec.engine.trainer.Trainer.epoch``) with its defaults:
+  uint8 batches normalised on the device, bf16 autocast where the CPU has it, channels_last; the
+  images/s of its metrics row time the training steps alone (not the validation after them).
 
 Each side runs a short warm-up epoch (worker start, oneDNN kernel selection) and then a timed
 epoch of ``--steps`` steps; the pair is repeated ``--runs`` times, interleaved, and the table
@@ -34,7 +35,8 @@ from torchvision import datasets, transforms
 
 from imgrec.config import TrainConfig
 from imgrec.data.synth import SynthSpec, write_synth_dataset
-from imgrec.engine.train import Run, train_one_epoch
+from imgrec.engine.tasks.classify import ClassifyTask
+from imgrec.engine.trainer import Trainer
 
 CASES = [("resnet18", 128, 64, 20), ("resnet50", 224, 32, 10)]  # model, image size, batch, timed steps
 
@@ -72,12 +74,12 @@ def plain_setup(root: Path, name: str, size: int, batch: int, workers: int, clas
     return model, loader, optimizer
 
 
-def imgrec_setup(root: Path, out: Path, name: str, size: int, batch: int, workers: int) -> Run:
+def imgrec_setup(root: Path, out: Path, name: str, size: int, batch: int, workers: int) -> Trainer:
     config = TrainConfig(
         data=str(root), model=name, out=str(out), epochs=1, batch_size=batch, workers=workers, tensorboard=False,
         data_config={"img_size": size},
     )  # fmt: skip
-    return Run(config, Console(file=io.StringIO()))
+    return Trainer(ClassifyTask, config, Console(file=io.StringIO()))
 
 
 def measure(root: Path, work: Path, runs: int, steps_override: int | None, workers: int) -> list[dict]:
@@ -86,18 +88,18 @@ def measure(root: Path, work: Path, runs: int, steps_override: int | None, worke
         steps = steps_override or case_steps
         plain, ours = [], []
         for repeat in range(runs):
-            torch.set_flush_denormal(False)  # the plain loop as the tutorials write it (imgrec's Run turns it on)
+            torch.set_flush_denormal(False)  # the plain loop as the tutorials write it (imgrec's Trainer turns it on)
             model, loader, optimizer = plain_setup(root, name, size, batch, workers, classes=10)
             plain_epoch(model, loader, optimizer, steps=3)
             plain.append(plain_epoch(model, loader, optimizer, steps=steps))
             del model, loader, optimizer
-            run = imgrec_setup(root, work / f"{name}-{repeat}", name, size, batch, workers)
-            run.steps_per_epoch = 3
-            train_one_epoch(run, 1)
-            run.steps_per_epoch = steps
-            ours.append(train_one_epoch(run, 2)["images_per_s"])
-            precision = run.precision
-            del run
+            trainer = imgrec_setup(root, work / f"{name}-{repeat}", name, size, batch, workers)
+            trainer.steps_per_epoch = 3
+            trainer.epoch(1)
+            trainer.steps_per_epoch = steps
+            ours.append(trainer.epoch(2)["images_per_s"])
+            precision = trainer.precision
+            del trainer
             print(f"  {name} {size}px run {repeat + 1}: plain {plain[-1]:.1f} img/s, imgrec {ours[-1]:.1f} img/s", flush=True)
         rows.append(
             {"model": name, "size": size, "batch": batch, "steps": steps, "plain": statistics.median(plain), "imgrec": statistics.median(ours), "precision": precision,
@@ -109,7 +111,7 @@ def measure(root: Path, work: Path, runs: int, steps_override: int | None, worke
 def accuracy(work: Path) -> dict[str, dict[str, float]]:
     """Demo recipe, same seed, fp32 against the default precision: best and last val top-1, minutes."""
     from imgrec.demo import DEMO_RECIPE, demo_dataset
-    from imgrec.engine.train import train
+    from imgrec.engine.tasks.classify import train
 
     data = demo_dataset(work / "demo-data")
     results = {}

@@ -46,6 +46,30 @@ def tiny_shapes(tmp_path_factory, one_thread) -> Path:
 
 
 @pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3 classes x (16 train + 5 val) synthetic shapes with clutter, 40-60 px: the fault and resume tests' data (read only)."""
+    from imgrec.data.synth import SynthSpec, write_synth_dataset
+
+    spec = SynthSpec(classes=3, train_per_class=16, val_per_class=5, seed=6, min_side=40, max_side=60)
+    return write_synth_dataset(tmp_path_factory.mktemp("faults") / "data", spec, workers=1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, one_thread) -> Path:
+    """A model directory: test_resnet trained 2 epochs at 32 px on 3 synthetic classes (read only)."""
+    from imgrec.data.synth import SynthSpec, write_synth_dataset
+    from imgrec.engine.tasks.classify import train
+    from runs import quiet
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_synth_dataset(root / "data", SynthSpec(classes=3, train_per_class=24, val_per_class=12, seed=4, min_side=40, max_side=64), workers=1)
+    return train(
+        data=str(data), out=str(root / "run"), model="test_resnet", epochs=2, batch_size=8, device="cpu", precision="fp32",
+        workers=0, tensorboard=False, data_config={"img_size": 32}, console=quiet(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:
     """(model directory, dataset root): read only, shared by the module (copy it to change it)."""
     from serving import train_tiny_run
@@ -57,6 +81,6 @@ def tiny_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def classifier(tiny_run):
     """The tiny run's classifier, PyTorch fp32 on the CPU: the reference the server is checked against."""
-    from imgrec.predict import load
+    from imgrec.inference.predict import load
 
     return load(tiny_run[0], device="cpu", backend="eager")

@@ -36,6 +36,14 @@ def jpeg_bytes(image: Image.Image, **options) -> bytes:
     return buffer.getvalue()
 
 
+def make_class_folders(root: Path, counts: dict[str, int]) -> None:
+    """``root/<class>/<i>.jpg``: ``counts[class]`` small noise photos in each class folder."""
+    for seed, (name, count) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            photo(12, 10, 10 * seed + i).save(root / name / f"{i}.jpg")
+
+
 def write_odd_files(folder: Path) -> tuple[set[str], set[str]]:
     """Every odd case from the data issue in ``folder``: (readable paths, bad paths)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from rich.console import Console
 def train_tiny_run(root: Path) -> Path:
     """A test_resnet trained 2 epochs at 32 px on 3 synthetic classes (about 10 s): a real model directory."""
     from imgrec.data.synth import SynthSpec, write_synth_dataset
-    from imgrec.engine.train import train
+    from imgrec.engine.tasks.classify import train
 
     data = write_synth_dataset(root / "data", SynthSpec(classes=3, train_per_class=24, val_per_class=12, seed=4, min_side=40, max_side=64), workers=1)
     return Path(

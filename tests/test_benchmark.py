@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-from imgrec.benchmark import BackendResult, benchmark, best_backend
 from imgrec.cli import main
-from test_export import run_dir  # noqa: F401  (a tiny trained model directory)
+from imgrec.inference.benchmark import BackendResult, benchmark, best_backend
 
 
-def test_every_backend_gets_latency_throughput_and_agreement(run_dir):  # noqa: F811
+def test_every_backend_gets_latency_throughput_and_agreement(run_dir):
     results = benchmark(run_dir, backends=("eager", "channels_last", "onnx"), batch=4, iterations=4, seconds=0.3, rounds=2, calibration_images=8)
     assert [r.backend for r in results] == ["eager", "channels_last", "onnx"]
     for r in results:
@@ -28,7 +27,7 @@ def test_best_backend_is_the_fastest_that_agrees():
     assert best_backend(rows, min_agreement=95).backend == "int8"
 
 
-def test_benchmark_command_prints_the_table_and_refuses_unknown_backends(run_dir, tmp_path, capsys):  # noqa: F811
+def test_benchmark_command_prints_the_table_and_refuses_unknown_backends(run_dir, tmp_path, capsys):
     figures = tmp_path / "bench.json"
     args = ["benchmark", str(run_dir), "--backends", "eager,bf16", "--batch", "4", "--iterations", "2", "--seconds", "0.2", "--json", str(figures)]
     assert main(args) == 0

@@ -5,19 +5,16 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from imagefiles import png_chunk, png_header
-from imgrec.data.decode import (
-    BACKGROUND_RGB,
-    BadImageError,
-    decode_file,
-    load_rgb,
-    to_rgb,
-)
+from imgrec.data.decode import BACKGROUND_RGB, BadImageError, decode_file, load_rgb, load_sample, to_rgb
+from imgrec.data.decode_crop import CenterCropDecode
+from imgrec.data.transforms import EvalTransform
 
 
 def pixel(img: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
@@ -317,3 +314,12 @@ def test_unreadable_file_is_bad_image_error(tmp_path):
         assert "permission denied" in info.value.reason
     finally:
         path.chmod(0o644)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_os_error_reading_one_file_is_a_bad_image(tmp_path: Path, fast: bool) -> None:
+    loop = tmp_path / "loop.jpg"
+    os.symlink(loop, loop)  # reading it raises OSError(ELOOP), a stand-in for EIO
+    transform = CenterCropDecode(16) if fast else EvalTransform(img_size=16)
+    with pytest.raises(BadImageError):
+        load_sample(loop, transform)

@@ -55,6 +55,15 @@ def reference_crop(data: bytes, box: tuple[int, int, int, int], size: int, inter
     return F.resized_crop(full, *box, [size, size], interpolation=interpolation, antialias=True)
 
 
+def wave_image(width: int, height: int) -> Image.Image:
+    """A smooth, photo-like image (no pixel noise: the comparison is about geometry)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 128 + 90 * np.sin(x / 9.0) * np.cos(y / 13.0)
+    g = 128 + 90 * np.sin((x + y) / 11.0)
+    b = 128 + 90 * np.cos(x / 7.0 - y / 17.0)
+    return Image.fromarray(np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8))
+
+
 def mae(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().mean().item()
@@ -183,6 +192,35 @@ def test_every_readable_odd_file_gives_the_same_crop_as_the_standard_path(tmp_pa
         assert info.value.path == str(path) and info.value.reason
 
 
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_exif_rotated_jpeg_with_a_partial_dct_pixel_crops_where_the_reference_does(orientation: int) -> None:
+    # 521 x 393: both sides are 1 more than a multiple of 8, so at DCT scale 1/8 the last decoded
+    # row/column covers 1 original pixel instead of 8. Orientation 1 gives MAE ~0.3 here.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg_bytes(wave_image(521, 393), quality=95, exif=exif.tobytes())
+    source = EncodedImage("rotated.jpg", data)
+    ours = CenterCropDecode(48, crop_pct=0.875, interpolation="bicubic")(source)
+    reference = EvalTransform(img_size=48, crop_pct=0.875, interpolation="bicubic")(load_rgb(source))
+    assert mae(ours, reference) < 3.0
+
+
+def test_control_orientation_1_matches() -> None:
+    """Control for the test above: same image, no rotation, the fast path matches the reference."""
+    source = EncodedImage("upright.jpg", jpeg_bytes(wave_image(521, 393), quality=95))
+    ours = CenterCropDecode(48, crop_pct=0.875, interpolation="bicubic")(source)
+    reference = EvalTransform(img_size=48, crop_pct=0.875, interpolation="bicubic")(load_rgb(source))
+    assert mae(ours, reference) < 3.0
+
+
+def test_nearest_samples_the_same_pixels_as_the_standard_pipeline() -> None:
+    ramp = np.tile((np.arange(48) * 5).astype(np.uint8)[None, :, None], (48, 1, 3))
+    image = Image.fromarray(ramp)
+    ours = CenterCropDecode(16, crop_pct=1.0, interpolation="nearest")(image)
+    reference = EvalTransform(img_size=16, crop_pct=1.0, interpolation="nearest")(image)
+    assert torch.equal(ours, reference)  # ours: 0, 15, 30...; reference: 5, 20, 35...
+
+
 def test_truncated_jpeg_is_a_bad_image_with_its_name() -> None:
     data = jpeg_bytes(scene(200, 150), quality=90)
     with pytest.raises(BadImageError, match="shard-3.tar:cut.jpg"):
@@ -258,8 +296,8 @@ def test_a_model_scores_the_same_with_the_fast_and_the_standard_eval_pipeline(tm
 
     from imgrec.data.synth import SynthSpec, write_synth_dataset
     from imgrec.engine.evaluate import evaluate
-    from imgrec.engine.train import train
-    from imgrec.predict import load
+    from imgrec.engine.tasks.classify import train
+    from imgrec.inference.predict import load
 
     spec = SynthSpec(classes=3, train_per_class=40, val_per_class=100, seed=3, min_side=80, max_side=200, clutter=0.0)
     data = write_synth_dataset(tmp_path / "data", spec, workers=1)

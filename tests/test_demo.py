@@ -10,7 +10,8 @@ import yaml
 from rich.console import Console
 
 import imgrec
-from imgrec.cli import build_parser, train_config_from_args
+from imgrec.cli import build_parser
+from imgrec.cli.training import train_config_from_args
 from imgrec.data.synth import SynthSpec
 from imgrec.demo import DEMO_RECIPE, demo_dataset, run_demo
 
@@ -65,7 +66,9 @@ def test_unknown_yaml_key_is_an_error_naming_it(tmp_path):
 
 def test_public_api_names():
     from imgrec.engine.evaluate import evaluate
-    from imgrec.engine.train import train
-    from imgrec.predict import load
+    from imgrec.engine.tasks.classify import train
+    from imgrec.inference.predict import load
 
     assert imgrec.train is train and imgrec.load is load and imgrec.evaluate is evaluate
+    missing = [name for name in imgrec.__all__ if name != "__version__" and getattr(imgrec, name, None) is None]
+    assert not missing, f"names of the public API that do not resolve: {missing}"

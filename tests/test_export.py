@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
-from imgrec.checkpoint import load_model_dir, read_model_info
+from imgrec.card import ModelCard
 from imgrec.cli import main
-from imgrec.export import export, load_torchscript, onnx_session, read_export_info
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_thread):
-    from imgrec.data.synth import SynthSpec, write_synth_dataset
-    from imgrec.engine.train import train
-
-    root = tmp_path_factory.mktemp("export")
-    data = write_synth_dataset(root / "data", SynthSpec(classes=3, train_per_class=24, val_per_class=12, seed=4, min_side=40, max_side=64), workers=1)
-    return train(
-        data=str(data), out=str(root / "run"), model="test_resnet", epochs=2, batch_size=8, device="cpu", precision="fp32",
-        workers=0, tensorboard=False, data_config={"img_size": 32}, console=Console(file=io.StringIO()),
-    )  # fmt: skip
+from imgrec.inference.backends.onnx import onnx_session
+from imgrec.inference.export import export, load_torchscript, read_export_info
+from imgrec.models.directory import load_model_dir
 
 
 def test_onnx_export_matches_the_eager_model_at_any_batch_size(run_dir, tmp_path):
     path = tmp_path / "model.onnx"
     report = export(run_dir, "onnx", out=path)
     assert report.images == 36 and report.max_abs_diff < 1e-4 and report.top1_agreement == 100.0
-    info = read_model_info(run_dir)
-    assert read_export_info(path)["classes"] == info["classes"]  # inside the file...
-    assert json.loads((tmp_path / "model.onnx.json").read_text())["mean"] == info["mean"]  # ...and beside it
+    card = ModelCard.read(run_dir)
+    assert ModelCard.from_dict(read_export_info(path)) == card  # inside the file...
+    assert ModelCard.from_dict(json.loads((tmp_path / "model.onnx.json").read_text())) == card  # ...and beside it
+    assert read_export_info(path)["classes"] == card.classes and json.loads((tmp_path / "model.onnx.json").read_text())["mean"] == list(card.data_config.mean)
     model, _ = load_model_dir(run_dir)
     session = onnx_session(path)
     assert session.get_inputs()[0].shape[0] == "batch"

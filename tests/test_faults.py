@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from imgrec.checkpoint import load_checkpoint
 from imgrec.data.sampler import EpochSampler
+from imgrec.engine.checkpoint import load_checkpoint
+from runs import quiet, read_metrics, untimed
 
 HERE = Path(__file__).parent
 INJECT = [sys.executable, str(HERE / "fault_injection.py")]
@@ -43,14 +45,6 @@ def run(command: list[str], *, check: bool = True, cwd: Path | None = None) -> s
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from imgrec.data.synth import SynthSpec, write_synth_dataset
-
-    spec = SynthSpec(classes=3, train_per_class=16, val_per_class=5, seed=6, min_side=40, max_side=60)
-    return write_synth_dataset(tmp_path_factory.mktemp("faults") / "data", spec, workers=1)
 
 
 def single(data: Path, out: Path, *extra: str, inject: tuple[str, ...] = (), workers: int = 0, check: bool = True) -> subprocess.CompletedProcess:
@@ -79,11 +73,6 @@ def assert_bitwise_equal(run_dir: Path, reference: Path) -> None:
     last, last_ref = load_checkpoint(run_dir / "last.pt"), load_checkpoint(reference / "last.pt")
     assert all(torch.equal(last["model"][k], last_ref["model"][k]) for k in last["model"])
     assert untimed(run_dir) == untimed(reference)
-
-
-def untimed(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in rows]
 
 
 def global_step(checkpoint: dict) -> int:
@@ -250,12 +239,8 @@ def test_broken_files_under_ddp_are_skipped_and_listed_once(tmp_path):
 # --- faults found before or during training, in-process --------------------------------------------
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO())
-
-
 def test_an_output_folder_that_cannot_be_a_folder_is_refused_before_training(data, tmp_path):
-    from imgrec.engine.train import train
+    from imgrec.engine.tasks.classify import train
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -264,39 +249,22 @@ def test_an_output_folder_that_cannot_be_a_folder_is_refused_before_training(dat
 
 
 def test_an_output_folder_without_room_for_two_checkpoints_is_refused_before_training(data, tmp_path, monkeypatch):
-    from imgrec.engine import resume
-    from imgrec.engine.train import train
+    from imgrec.engine import run_dir
+    from imgrec.engine.tasks.classify import train
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(resume.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"has 0\.1 MiB free; the run needs about"):
         train(data=str(data), out=str(out), model="test_convnext", epochs=1, device="cpu", workers=0, tensorboard=False, console=quiet())
     assert not (out / "metrics.jsonl").exists() and not (out / "last.pt").exists()
 
 
-class LossBecomesNaN(torch.nn.CrossEntropyLoss):
-    """Cross-entropy whose value is NaN on the calls listed in ``nan_calls`` (1-based)."""
-
-    nan_calls: set[int] = set()
-    calls = 0
-
-    def forward(self, logits, targets):
-        type(self).calls += 1
-        loss = super().forward(logits, targets)
-        return loss * float("nan") if type(self).calls in self.nan_calls else loss
-
-
 def nan_run(data: Path, out: Path, monkeypatch, nan_calls: set[int], **options):
-    from imgrec.engine import train as train_module
-
-    monkeypatch.setattr(LossBecomesNaN, "nan_calls", nan_calls)
-    monkeypatch.setattr(LossBecomesNaN, "calls", 0)
-    monkeypatch.setattr(train_module.torch.nn, "CrossEntropyLoss", LossBecomesNaN)
-    return train_module.train(
-        data=str(data), out=str(out), model="test_convnext", epochs=2, batch_size=8, lr=0.01, device="cpu", precision="fp32",
-        workers=0, tensorboard=False, data_config={"img_size": 32}, console=quiet(), **options,
-    )  # fmt: skip
+    monkeypatch.setattr(NaNAndSignal, "nan_calls", nan_calls)
+    monkeypatch.setattr(NaNAndSignal, "calls", 0)
+    monkeypatch.setattr(NaNAndSignal, "signal_call", 0)
+    return small_train(monkeypatch, data=str(data), out=str(out), epochs=2, **options)
 
 
 def test_non_finite_losses_skip_their_steps_and_are_counted(data, tmp_path, monkeypatch):
@@ -318,7 +286,7 @@ def test_too_many_non_finite_losses_in_a_row_stop_the_run_and_keep_the_last_good
 
 
 def test_resume_auto_starts_a_new_run_then_continues_it(data, tmp_path):
-    from imgrec.engine.train import train
+    from imgrec.engine.tasks.classify import train
 
     out = tmp_path / "run"
     options = dict(data=str(data), out=str(out), model="test_convnext", batch_size=8, device="cpu", workers=0, tensorboard=False, data_config={"img_size": 32})
@@ -364,3 +332,123 @@ def test_augmentation_depends_on_the_sample_not_on_the_reader(data):
     assert torch.equal(dataset[5][0], first)  # whatever was read before, by whom
     dataset.set_epoch(2)
     assert not torch.equal(dataset[5][0], first)  # a new epoch, a new crop
+
+
+# --- the count of skipped (non-finite) steps survives a resume ---------------------------------------
+
+
+class NaNAndSignal(torch.nn.CrossEntropyLoss):
+    """Cross-entropy that is NaN on the calls in ``nan_calls`` and sends this process SIGTERM on ``signal_call``."""
+
+    nan_calls: set[int] = set()
+    signal_call = 0
+    calls = 0
+
+    def forward(self, logits, targets):
+        type(self).calls += 1
+        loss = super().forward(logits, targets)
+        if type(self).calls == self.signal_call:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's StopSignals turns it into "checkpoint, then stop"
+        return loss * float("nan") if type(self).calls in self.nan_calls else loss
+
+
+def small_train(monkeypatch, **options):
+    """``imgrec.train`` of test_convnext at 32 px, batch 8, with ``NaNAndSignal`` as the loss."""
+    from imgrec.engine.tasks.classify import train
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NaNAndSignal)
+    common = dict(model="test_convnext", batch_size=8, lr=0.01, device="cpu", precision="fp32", workers=0, tensorboard=False)
+    if options.get("resume") in (None, "auto"):
+        options = {**common, "data_config": {"img_size": 32}, **options}
+    return train(console=quiet(), **options)
+
+
+def test_skipped_steps_survive_a_mid_epoch_resume(data, tmp_path, monkeypatch):
+    from imgrec.engine.trainer import TrainingInterrupted
+
+    monkeypatch.setattr(NaNAndSignal, "nan_calls", {3, 4})
+    monkeypatch.setattr(NaNAndSignal, "calls", 0)
+    straight = small_train(monkeypatch, data=str(data), out=str(tmp_path / "straight"), epochs=2)
+    assert [row.get("skipped_steps") for row in read_metrics(straight)] == [2, 2]
+
+    monkeypatch.setattr(NaNAndSignal, "calls", 0)
+    monkeypatch.setattr(NaNAndSignal, "signal_call", 8)  # step 2 of epoch 2 (6 steps per epoch)
+    out = tmp_path / "killed"
+    with pytest.raises(TrainingInterrupted):
+        small_train(monkeypatch, data=str(data), out=str(out), epochs=2)
+    monkeypatch.setattr(NaNAndSignal, "signal_call", 0)
+    small_train(monkeypatch, resume=str(out))
+    assert [row.get("skipped_steps") for row in read_metrics(out)] == [2, 2]
+
+
+# --- the free-space check lets a run resume that has the room it needs ---------------------------
+
+
+def test_a_run_that_fit_on_its_disk_can_be_resumed(data, tmp_path, monkeypatch):
+    from imgrec.config import TrainConfig
+    from imgrec.engine import run_dir
+    from imgrec.engine.run_dir import OPTIMIZER_COPIES, state_bytes
+    from imgrec.models.factory import create_model
+
+    model = create_model("test_convnext", num_classes=3)
+    checkpoint = state_bytes(model) * (1 + OPTIMIZER_COPIES.get(TrainConfig.opt, 2))
+    capacity = 2 * checkpoint + state_bytes(model) + 2**20  # what the check asks of a new run, plus 1 MiB (small files, pickling overhead)
+    out = tmp_path / "run"
+    real = shutil.disk_usage(tmp_path)
+
+    def disk_usage(path):  # a disk of ``capacity`` bytes holding only the run's files
+        used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
+        return real._replace(free=capacity - used)
+
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(NaNAndSignal, "nan_calls", set())
+    monkeypatch.setattr(NaNAndSignal, "signal_call", 0)
+    small_train(monkeypatch, data=str(data), out=str(out), epochs=1)  # starts, writes last.pt and model.safetensors
+    assert disk_usage(out).free >= (out / "last.pt").stat().st_size  # still room for the next checkpoint beside the last
+    small_train(monkeypatch, resume=str(out), epochs=2)  # refused: "the run needs about ..."
+    assert [row["epoch"] for row in read_metrics(out)] == [1, 2]
+
+
+# --- --resume auto after a kill before the first checkpoint ------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: the process is gone, nothing after it runs."""
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(data, tmp_path, monkeypatch):
+    from imgrec.engine import trainer
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(NaNAndSignal, "nan_calls", set())
+    monkeypatch.setattr(NaNAndSignal, "signal_call", 0)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "save_checkpoint", killed)  # killed while writing the first checkpoint (end of epoch 1)
+        with pytest.raises(Killed):
+            small_train(monkeypatch, data=str(data), out=str(out), epochs=1, resume="auto")
+    assert (out / "metrics.jsonl").exists() and not (out / "last.pt").exists()
+    small_train(monkeypatch, data=str(data), out=str(out), epochs=1, resume="auto")  # the same command again
+    assert [row["epoch"] for row in read_metrics(out)] == [1]
+
+
+
+# --- a signal during the last epoch's validation does not report a finished run as interrupted -----
+
+
+def test_a_signal_during_the_last_validation_does_not_interrupt_a_finished_run(data, tmp_path, monkeypatch):
+    from imgrec.engine.tasks.classify import ClassifyTask
+
+    validate = ClassifyTask.validate
+
+    def validate_and_signal(self, epoch, stats):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return validate(self, epoch, stats)
+
+    monkeypatch.setattr(ClassifyTask, "validate", validate_and_signal)
+    monkeypatch.setattr(NaNAndSignal, "nan_calls", set())
+    monkeypatch.setattr(NaNAndSignal, "signal_call", 0)
+    out = small_train(monkeypatch, data=str(data), out=str(tmp_path / "run"), epochs=1)  # raises TrainingInterrupted
+    assert [row["epoch"] for row in read_metrics(out)] == [1]

@@ -15,16 +15,14 @@ from imgrec.data.folder import (
     DatasetError,
     ImageFolderDataset,
     SkipLog,
-    check_same_classes,
     find_classes,
     iter_image_files,
-    load_splits,
     read_class_index,
     scan_image_folder,
-    split_dirs,
     write_class_index,
 )
 from imgrec.data.loader import create_loader
+from imgrec.data.splits import check_same_classes, load_splits, split_dirs
 from imgrec.data.transforms import EvalTransform
 
 FORMAT_BY_SUFFIX = {

@@ -7,7 +7,6 @@ runs on one thread (a shared 2-core machine); every feature cache lives under tm
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -17,25 +16,21 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
-from rich.console import Console
 
 import imgrec.engine.probe as probe_module
-from imgrec.checkpoint import load_checkpoint
 from imgrec.cli import main
-from imgrec.data.folder import ImageFolderDataset, load_splits
-from imgrec.data.transforms import resolve_data_config
+from imgrec.data.folder import ImageFolderDataset, take_fraction
+from imgrec.data.splits import load_splits
+from imgrec.engine.checkpoint import load_checkpoint
 from imgrec.engine.evaluate import classification_metrics
 from imgrec.engine.knn import knn_scores, linear_probe
-from imgrec.engine.pretrain import pretrain
 from imgrec.engine.probe import extract_features, load_backbone, probe
-from imgrec.engine.train import take_fraction
+from imgrec.engine.tasks.pretrain import pretrain
+from imgrec.recipe import resolve_data_config
+from runs import quiet
 
 N_TRAIN, N_VAL, CLASSES = 24, 12, ["circle", "square", "triangle"]
 SMALL = {"data_config": {"img_size": 32}, "workers": 0, "precision": "fp32"}
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO())
 
 
 def train_cli(data: Path, out: Path, *extra: str) -> int:
@@ -262,7 +257,7 @@ def test_probe_a_pretrain_run(synth, pretrain_run, tmp_path):
     info = json.loads((pretrain_run / "backbone.json").read_text(encoding="utf-8"))
     backbone = load_backbone(pretrain_run)
     assert backbone.architecture == "resnet10t" and backbone.source == str(pretrain_run / "backbone.safetensors")
-    assert backbone.data_config["img_size"] == 32 and backbone.data_config["crop_pct"] == info["crop_pct"]
+    assert backbone.card.data_config.img_size == 32 and backbone.card.data_config.crop_pct == info["crop_pct"]
     weights = safetensors.torch.load_file(str(pretrain_run / "backbone.safetensors"))
     state = backbone.model.state_dict()
     assert set(state) == set(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
@@ -370,7 +365,7 @@ def test_train_fraction(synth, tmp_path, capsys):
     assert train_cli(synth, tmp_path / "bad-ld", "--layer-decay", "1.5") == 2
 
 
-# --- review fixes: what a run directory carries into fine-tuning, bad files in a probe ---------
+# --- what a run directory carries into fine-tuning; bad files in a probe ---------------------------
 
 
 def test_finetune_takes_the_pretrain_runs_preprocessing(synth, pretrain_run, tmp_path):

@@ -836,14 +836,14 @@ def test_server_batches_concurrent_requests(batching_server, classifier, val_fil
 
 def test_prepare_puts_images_on_the_classifiers_device(tiny_run, val_files):
     """On a GPU ('meta' stands for it here) the uint8 batch must go to the device before normalize, as Classifier.logits does."""
-    from imgrec.checkpoint import load_model_dir
-    from imgrec.predict import Classifier
+    from imgrec.inference.predict import Classifier
+    from imgrec.models.directory import load_model_dir
     from imgrec.serve import ServeConfig
     from imgrec.serve.app import Server
     from imgrec.serve.protocol import InferRequest
 
-    model, info = load_model_dir(tiny_run[0])
-    on_device = Classifier(model, info, device="meta", backend="eager")
+    model, card = load_model_dir(tiny_run[0])
+    on_device = Classifier(model, card, device="meta", backend="eager")
     server = Server(on_device, ServeConfig())
     try:
         batch = server.prepare(InferRequest("BYTES", images=[val_files[0].read_bytes()]))
@@ -854,7 +854,7 @@ def test_prepare_puts_images_on_the_classifiers_device(tiny_run, val_files):
 
 # -- backends: choose_backend and ONNX ---------------------------------------------------------
 def default_backend(device: torch.device) -> str:
-    from imgrec.runtime import default_backend as runtime_default
+    from imgrec.inference.choice import default_backend as runtime_default
 
     return runtime_default("auto", device)
 
@@ -864,19 +864,21 @@ def result(backend: str, images_per_s: float, top1_agreement: float) -> SimpleNa
 
 
 def test_choose_backend_without_a_benchmark(tiny_run):
-    from imgrec.runtime import TORCH_BACKENDS, choose_backend
+    from imgrec.inference.backends import backend_class
+    from imgrec.inference.backends.pytorch import PyTorchBackend
+    from imgrec.inference.choice import choose_backend
 
     run = tiny_run[0]
     assert not (run / "benchmark.json").exists()
     backend, reason = choose_backend(run, torch.device("cpu"))
-    assert backend == default_backend(torch.device("cpu")) and backend in TORCH_BACKENDS
+    assert backend == default_backend(torch.device("cpu")) and issubclass(backend_class(backend), PyTorchBackend)
     assert "imgrec benchmark" in reason and "benchmark.json" in reason
     assert choose_backend(run, torch.device("cpu"), "fp32") == ("channels_last", "--precision fp32")
 
 
 def test_choose_backend_takes_the_fastest_agreeing_backend(run_copy):
-    from imgrec.predict import load
-    from imgrec.runtime import choose_backend, record_benchmark
+    from imgrec.inference.choice import choose_backend, record_benchmark
+    from imgrec.inference.predict import load
 
     cpu = torch.device("cpu")
     results = [
@@ -905,7 +907,7 @@ def test_choose_backend_takes_the_fastest_agreeing_backend(run_copy):
 
 
 def test_choose_backend_needs_the_onnx_files_it_measured(run_copy):
-    from imgrec.runtime import choose_backend, record_benchmark
+    from imgrec.inference.choice import choose_backend, record_benchmark
 
     cpu = torch.device("cpu")
     rows = [result("eager", 100, 100.0), result("onnx", 500, 100.0), result("onnx-int8", 800, 99.5)]
@@ -924,7 +926,7 @@ def test_choose_backend_needs_the_onnx_files_it_measured(run_copy):
 def test_choose_backend_ignores_a_benchmark_of_other_weights_or_device(run_copy):
     from safetensors.torch import load_file, save_file
 
-    from imgrec.runtime import choose_backend, record_benchmark, weights_digest
+    from imgrec.inference.choice import choose_backend, record_benchmark, weights_digest
 
     cpu = torch.device("cpu")
     record_benchmark(run_copy, [result("eager", 100, 100.0)], batch=8)
@@ -950,9 +952,9 @@ def test_choose_backend_ignores_a_benchmark_of_other_weights_or_device(run_copy)
 
 
 def test_onnx_backend_predicts_what_eager_does(run_copy, classifier, mixed_files):
-    from imgrec.export import export
-    from imgrec.predict import load
-    from imgrec.runtime import choose_backend, record_benchmark
+    from imgrec.inference.choice import choose_backend, record_benchmark
+    from imgrec.inference.export import export
+    from imgrec.inference.predict import load
 
     report = export(run_copy, "onnx")
     assert report.path == run_copy / "model.onnx" and report.path.is_file()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from imgrec.cli import main
-from imgrec.predict import load
+from imgrec.inference.predict import load
 
 
 @pytest.fixture(scope="module")

@@ -20,21 +20,22 @@ import torch
 import yaml
 from rich.console import Console
 
-import imgrec.engine.pretrain as pretrain_module
+import imgrec.engine.tasks.pretrain as pretrain_module
 from imagefiles import photo
-from imgrec.checkpoint import load_checkpoint
 from imgrec.cli import main
 from imgrec.config import DataConfig
 from imgrec.data.decode import BadImageError
 from imgrec.data.folder import class_balanced_subset
+from imgrec.data.views import MultiViewTransform, blur_kernel, view_augment
+from imgrec.engine.checkpoint import load_checkpoint
 from imgrec.engine.optim import LARS, create_optimizer, param_groups
-from imgrec.engine.pretrain import pretrain
-from imgrec.ssl import METHODS, method_class
-from imgrec.ssl.base import cosine_momentum
-from imgrec.ssl.byol import BYOL, BYOL_VIEWS, regression_loss
-from imgrec.ssl.moco import MoCoV3, info_nce
-from imgrec.ssl.simclr import SimCLR, nt_xent
-from imgrec.ssl.views import MultiViewTransform, blur_kernel, view_augment
+from imgrec.engine.tasks import METHODS, method_class
+from imgrec.engine.tasks.byol import BYOL, BYOL_VIEWS, regression_loss
+from imgrec.engine.tasks.moco import MoCoV3, info_nce
+from imgrec.engine.tasks.pretrain import pretrain
+from imgrec.engine.tasks.simclr import SimCLR, nt_xent
+from imgrec.engine.tasks.ssl import cosine_momentum
+from runs import quiet, read_metrics
 
 N_TRAIN, N_VAL = 24, 12
 METHOD_NAMES = ["simclr", "byol", "moco"]
@@ -43,14 +44,6 @@ API_COMMON = {
     "model": "resnet10t", "epochs": 2, "batch_size": 8, "workers": 0, "device": "cpu", "precision": "fp32",
     "tensorboard": False, "proj_hidden_dim": 64, "proj_dim": 32, "warmup_epochs": 1, "data_config": {"img_size": 32},
 }  # fmt: skip
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO())
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def cli_pretrain(data: Path, out: Path, method: str, *extra: str) -> int:
@@ -485,7 +478,7 @@ def test_pretrain_on_a_root_with_train_but_no_val(synth, tmp_path):
 def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, method):
     straight = pretrain(data=str(synth), method=method, out=str(tmp_path / "x"), console=quiet(), **API_COMMON)
 
-    original = pretrain_module.PretrainRun.save_backbone
+    original = pretrain_module.PretrainTask.save
     calls = []
 
     def crash_on_second(self, row):
@@ -496,7 +489,7 @@ def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, met
 
     crashed = tmp_path / "y"
     with monkeypatch.context() as patch:
-        patch.setattr(pretrain_module.PretrainRun, "save_backbone", crash_on_second)
+        patch.setattr(pretrain_module.PretrainTask, "save", crash_on_second)
         with pytest.raises(RuntimeError, match="simulated crash"):
             pretrain(data=str(synth), method=method, out=str(crashed), console=quiet(), **API_COMMON)
     assert calls == [1, 2]
@@ -579,7 +572,7 @@ def test_options_that_do_not_apply_are_refused():
 
 
 def test_adjust_view_scales_jitter_and_drops_blur():
-    from imgrec.ssl.views import ViewSpec, adjust_view
+    from imgrec.data.views import ViewSpec, adjust_view
 
     spec = ViewSpec(jitter=(0.4, 0.4, 0.2, 0.3), blur_p=0.5, solarize_p=0.2)
     stronger = adjust_view(spec, jitter_strength=2.0, blur=False)
@@ -625,7 +618,7 @@ def test_pretrain_without_monitor_when_knn_every_is_zero(synth, tmp_path):
 
 
 def test_pretraining_data_keeps_shard_urls_intact(monkeypatch, tmp_path):
-    import imgrec.engine.pretrain as pretrain_module
+    import imgrec.engine.tasks.pretrain as pretrain_module
     from imgrec.config import PretrainConfig
     from imgrec.data.folder import SkipLog
 
@@ -639,7 +632,7 @@ def test_pretraining_data_keeps_shard_urls_intact(monkeypatch, tmp_path):
 def test_monitor_bank_never_exceeds_its_size(synth, tmp_path):
     from imgrec.config import PretrainConfig
     from imgrec.data.folder import SkipLog
-    from imgrec.engine.pretrain import pretraining_data
+    from imgrec.engine.tasks.pretrain import pretraining_data
 
     # 3 classes but room for 2: class balance (one per class at least) gives way to the cap.
     train, bank, queries, classes, _ = pretraining_data(PretrainConfig(data=str(synth), knn_bank_size=2), SkipLog(tmp_path / "s.jsonl"))
@@ -651,5 +644,5 @@ def test_backbone_file_named_directly_brings_its_info(cli_runs):
     from imgrec.models.factory import resolve_weights
 
     _, run = cli_runs["simclr"]
-    weights, info = resolve_weights(run / "backbone.safetensors")
-    assert weights == run / "backbone.safetensors" and info["architecture"] == "resnet10t" and info["img_size"] == 32
+    weights, card = resolve_weights(run / "backbone.safetensors")
+    assert weights == run / "backbone.safetensors" and card.architecture == "resnet10t" and card.img_size == 32

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from imgrec.ssl.simclr import nt_xent
+from imgrec.engine.tasks.simclr import nt_xent
 
 WORLD, LOCAL_BATCH, DIM, TEMPERATURE = 2, 3, 5, 0.2
 

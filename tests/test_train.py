@@ -21,39 +21,29 @@ import torch
 import yaml
 from rich.console import Console
 
-import imgrec.checkpoint
-import imgrec.engine.train as train_module
-from imgrec.checkpoint import load_checkpoint, save_checkpoint
+import imgrec.engine.checkpoint
+import imgrec.engine.tasks.classify as classify_module
+import imgrec.engine.trainer as trainer_module
 from imgrec.config import DataConfig, TrainConfig
 from imgrec.data.synth import SynthSpec, write_synth_dataset
-from imgrec.engine.hardware import cpu_has_native_bf16, resolve_device, resolve_precision
+from imgrec.engine.checkpoint import load_checkpoint, save_checkpoint
 from imgrec.engine.optim import cosine_schedule, param_groups, scaled_lr
-from imgrec.engine.train import Run, train
+from imgrec.engine.tasks.classify import train
+from imgrec.engine.trainer import Trainer
+from imgrec.hardware import cpu_has_native_bf16, resolve_device, resolve_precision
+from runs import quiet, read_metrics, without_timing
 
 DATA_CONFIG = {"img_size": 32, "crop_pct": 1.0, "scale": (0.8, 1.0)}
 COMMON = {
     "model": "test_resnet", "device": "cpu", "precision": "fp32", "workers": 0, "tensorboard": False, "batch_size": 8, "data_config": DATA_CONFIG,
 }  # fmt: skip
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "seconds", "images_per_s", "val_images"}
-TIMING_KEYS = {"seconds", "images_per_s"}
 CLASSES = ["circle", "square", "triangle"]  # sorted folder names; the synth order is circle, triangle, square
 N_TRAIN, N_VAL = 24, 12
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO())
-
-
 def run_train(data: Path, out: Path, **overrides) -> Path:
     return train(data=str(data), out=str(out), console=quiet(), **{**COMMON, **overrides})
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +138,7 @@ def test_model_directory_loads_in_bare_timm(synth, plain_run):
     bare = timm.create_model(info["architecture"], num_classes=len(info["classes"]))
     bare.load_state_dict(safetensors.torch.load_file(str(plain_run / "model.safetensors")))
     bare.eval()
-    from imgrec.predict import load
+    from imgrec.inference.predict import load
 
     classifier = load(plain_run, device="cpu", precision="fp32")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -192,17 +182,17 @@ def test_config_yaml_holds_resolved_values(plain_run):
 
 def interrupted_then_resumed(data: Path, out: Path, monkeypatch, **overrides) -> Path:
     """Run 3 epochs, killed by KeyboardInterrupt right after epoch 2's checkpoint, then resumed."""
-    original = Run.save_checkpoint
+    original = Trainer.save_checkpoint
     saved_epochs = []
 
     def save_then_interrupt(self):
         original(self)
-        saved_epochs.append(self.epoch)
+        saved_epochs.append(self.state.epoch)
         if len(saved_epochs) == 2:
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(Run, "save_checkpoint", save_then_interrupt)
+        patch.setattr(Trainer, "save_checkpoint", save_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             run_train(data, out, epochs=3, seed=0, **overrides)
     assert saved_epochs == [1, 2]
@@ -254,23 +244,21 @@ def test_resume_with_more_epochs_continues(synth, tmp_path):
 def test_resume_with_more_epochs_uses_the_new_schedule_from_the_first_step(synth, tmp_path, monkeypatch):
     run = run_train(synth, tmp_path / "run", epochs=2)  # 3 steps per epoch, 3 warmup steps: ends at lr 0
     assert read_metrics(run)[-1]["lr"] == 0.0
-    original = train_module.train_one_epoch
+    original = Trainer.epoch
     first_step_lr = {}
 
-    def record(run_state, epoch):
-        first_step_lr[epoch] = run_state.optimizer.param_groups[0]["lr"]  # the lr of the epoch's first optimizer step
-        return original(run_state, epoch)
+    def record(trainer, epoch):
+        first_step_lr[epoch] = trainer.optimizer.param_groups[0]["lr"]  # the lr of the epoch's first optimizer step
+        return original(trainer, epoch)
 
-    monkeypatch.setattr(train_module, "train_one_epoch", record)
+    monkeypatch.setattr(Trainer, "epoch", record)
     train(resume=str(run), epochs=3, console=quiet())
     # The 9-step schedule at step 6: warmup 3, cosine progress (6 - 3) / (9 - 3) = 0.5, so half the peak lr.
     assert first_step_lr[3] == pytest.approx(0.5 * 1e-3 * 8 / 256)
 
 
 def test_interrupt_while_saving_the_checkpoint_does_not_duplicate_metrics(synth, plain_run, tmp_path, monkeypatch):
-    from imgrec.engine import resume as resume_module
-
-    original = resume_module.save_checkpoint
+    original = trainer_module.save_checkpoint
     calls = []
 
     def interrupted_write(path, state):
@@ -281,7 +269,7 @@ def test_interrupt_while_saving_the_checkpoint_does_not_duplicate_metrics(synth,
 
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(resume_module, "save_checkpoint", interrupted_write)
+        patch.setattr(trainer_module, "save_checkpoint", interrupted_write)
         with pytest.raises(KeyboardInterrupt):
             run_train(synth, out, epochs=3, seed=0)
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
@@ -305,7 +293,7 @@ def test_failed_checkpoint_write_keeps_the_old_one(synth, tmp_path, monkeypatch)
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(imgrec.checkpoint.torch, "save", full_disk)
+        patch.setattr(imgrec.engine.checkpoint.torch, "save", full_disk)
         with pytest.raises(OSError, match="disk full"):
             save_checkpoint(path, changed)
     assert path.read_bytes() == before_bytes
@@ -447,7 +435,7 @@ def test_unwritable_output_fails_before_training(synth, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the output folder was checked")
 
-    monkeypatch.setattr(train_module, "create_model", no_model)
+    monkeypatch.setattr(classify_module, "create_model", no_model)
     with pytest.raises(ValueError, match="output folder") as info:
         run_train(synth, out, epochs=1)
     assert str(out) in str(info.value)
@@ -542,3 +530,39 @@ def test_bad_val_files_count_once_and_train_and_val_limits_are_separate(synth, t
     assert logged == {"broken.jpg"} and len((run / "skipped.jsonl").read_text().splitlines()) == 3
     top1 = read_metrics(run)[0]["val_top1"]
     assert round(top1 * 12 / 100, 6).is_integer()  # a share of the 12 good val images, not of 13
+
+
+# --- the trainer's step ---------------------------------------------------------------------------
+
+
+def test_an_epoch_that_ends_mid_accumulation_leaves_no_stale_gradients(tmp_path) -> None:
+    """Shards whose bad samples were skipped can run dry in the middle of an accumulation: the
+    gradients of the unfinished step must not carry into the next epoch's first step."""
+    from imgrec.config import TrainConfig
+    from imgrec.engine.tasks.base import OptimizerSettings, Task
+    from imgrec.engine.trainer import EpochSums, LoopState, StopSignals
+
+    class Linear(Task):
+        def __init__(self, model):
+            self.module, self.criterion = model, torch.nn.CrossEntropyLoss()
+
+        def loss(self, batch, forward):
+            inputs, targets = batch
+            return self.criterion(forward(inputs), targets), inputs.shape[0]
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = iter([(torch.randn(3, 4), torch.tensor([0, 1, 0])) for _ in range(3)])  # 3 of the 4 planned micro-batches
+    trainer = object.__new__(Trainer)  # the parts a step uses, without a dataset or a run folder
+    trainer.config = TrainConfig(data="x", accum_steps=2, epochs=1, checkpoint_minutes=0)
+    trainer.task, trainer.forward, trainer.device, trainer.console, trainer.out = Linear(model), model, torch.device("cpu"), quiet(), tmp_path
+    trainer.settings, trainer.optimizer = OptimizerSettings("sgd"), optimizer
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer.state, trainer.signals, trainer.steps_per_epoch, trainer.total_steps, trainer.must_agree_on_end = LoopState(), StopSignals(), 2, 2, False
+    sums = EpochSums.resume({}, trainer.device)
+    assert trainer.step(1, 1, batches, sums) is True
+    assert trainer.step(1, 2, batches, sums) is False  # one batch, then the data ran out
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert (sums.batches, sums.images, trainer.state.step) == (2, 9, 1)

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from archives import LEAVES, build_archives
 from imgrec.cli import main as cli_main
 from imgrec.data.synth import SynthSpec, write_synth_dataset
-from test_prepare import LEAVES, build_archives
+from runs import quiet
 
 TRAIN_FLAGS = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--crop-pct", "1.0",
                "--device", "cpu", "--precision", "fp32", "--no-tensorboard"]  # fmt: skip
@@ -104,3 +105,49 @@ def test_pretrain_on_a_shard_source_alone(shards: Path, tmp_path: Path) -> None:
     assert cli_main(["pretrain", "--data", str(shards / "train"), "--out", str(run), "--workers", "0", *PRETRAIN_FLAGS]) == 0
     rows = metrics(run)
     assert len(rows) == 1 and "knn_top1" not in rows[0]
+
+
+# --- shards whose epochs end early ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    from imgrec.data.shard_writer import write_shards
+    from imgrec.data.synth import SynthSpec, write_synth_dataset
+
+    tmp = tmp_path_factory.mktemp("review_shards")
+    spec = SynthSpec(classes=3, train_per_class=8, val_per_class=2, seed=0, min_side=40, max_side=64)
+    data = write_synth_dataset(tmp / "data", spec, workers=1)
+    root = tmp / "shards"
+    write_shards(data / "train", root / "train", max_side=48, shard_size=20_000, workers=1)  # 12 shards of 2
+    write_shards(data / "val", root / "val", max_side=48, workers=1, classes=root / "train" / "classes.json")
+    return root
+
+
+def test_training_on_shards_with_more_workers_than_full_batches_is_a_clear_error(small_shards: Path, tmp_path: Path) -> None:
+    # Each loader worker drops its own last partial batch: 24 samples over 2 workers at batch 16
+    # give no full batch at all. That must be an error before training, not an epoch of nothing.
+    from imgrec.engine.tasks.classify import train
+
+    shards = json.loads((small_shards / "train" / "shards.json").read_text())
+    assert len(shards["shards"]) >= 4 and shards["samples"] >= 16
+    options = {"model": "test_resnet", "epochs": 1, "device": "cpu", "precision": "fp32", "tensorboard": False,
+               "console": quiet(), "data_config": {"img_size": 16, "crop_pct": 1.0}}  # fmt: skip
+    with pytest.raises(ValueError, match="--workers"):
+        train(data=str(small_shards), out=str(tmp_path / "run"), batch_size=16, workers=2, **options)
+
+
+def test_every_shard_epoch_runs_the_steps_its_schedule_counts_on(small_shards: Path, tmp_path: Path) -> None:
+    from imgrec.data.shards import ShardDataset
+    from imgrec.engine.tasks.classify import train
+
+    run = train(data=str(small_shards), out=str(tmp_path / "run"), model="test_resnet", epochs=3, batch_size=4, workers=2,
+                device="cpu", precision="fp32", tensorboard=False, console=quiet(),
+                data_config={"img_size": 16, "crop_pct": 1.0})  # fmt: skip
+    dataset = ShardDataset(small_shards / "train", shuffle=2000)
+    expected = dataset.full_batches(4, 2, range(1, 4))
+    sizes = [dataset.split_sizes(epoch, 2) for epoch in (1, 2, 3)]
+    assert all(sum(s) == 24 for s in sizes) and expected == min(sum(n // 4 for n in s) for s in sizes) > 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(row["train_loss"] > 0 for row in rows)
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule ran to its end: no step was missing

@@ -12,16 +12,11 @@ from imgrec.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataConfig,
-    apply_overrides,
     load_yaml,
     save_yaml,
 )
-from imgrec.data.transforms import (
-    BatchNormalize,
-    EvalTransform,
-    TrainTransform,
-    resolve_data_config,
-)
+from imgrec.data.transforms import BatchNormalize, EvalTransform, TrainTransform
+from imgrec.recipe import resolve_data_config
 
 
 def _image(w, h, seed=0):
@@ -161,19 +156,6 @@ def test_batch_normalize_random_erasing():
 def test_data_config_validation(kwargs):
     with pytest.raises(ValueError):
         DataConfig(**kwargs)
-
-
-def test_apply_overrides():
-    cfg = DataConfig()
-    new = apply_overrides(cfg, ["img_size=96", "scale=[0.5, 1.0]"])
-    assert new.img_size == 96
-    assert new.scale == (0.5, 1.0)
-    assert cfg.img_size == 224  # original untouched
-    assert new.crop_pct == cfg.crop_pct
-    with pytest.raises(ValueError, match="bogus_key"):
-        apply_overrides(cfg, ["bogus_key=1"])
-    with pytest.raises(ValueError):
-        apply_overrides(cfg, ["img_size"])
 
 
 def test_yaml_round_trip(tmp_path):

@@ -1,4 +1,10 @@
-"""Dataclass configs, their YAML form, and ``key=value`` overrides from the command line."""
+"""Dataclass configs and their YAML form.
+
+Every training flag is a field here: its ``metadata`` holds the help text (and a metavar where
+the name alone reads badly), and ``imgrec.cli`` builds the command line from the fields. Choice
+lists are the constants below or, for names that grow with the code (SSL methods, inference
+backends), the registries the CLI reads them from.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,24 @@ from typing import Any, TypeVar
 
 import yaml
 
-from imgrec.data.decode import DEFAULT_MAX_PIXELS
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The same cap Pillow warns at (about 89 megapixels): far above any photo in ImageNet, far below
+# what a crafted "decompression bomb" header declares.
+DEFAULT_MAX_PIXELS = 89_478_485
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# "fast": decode-and-crop (imgrec.data.decode_crop); "standard": decode everything, then PIL transforms.
+LOADERS = ("fast", "standard")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def option(default: Any = None, help: str = "", *, factory: Any = None, **cli: Any) -> Any:
+    """A dataclass field whose metadata gives its command-line flag: ``help``, and optionally
+    ``metavar``, ``choices``, ``flag=False`` (no flag: set in YAML or Python only)."""
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -22,36 +42,36 @@ class DataConfig:
     """How images become tensors: the model's preprocessing plus the training augmentation.
 
     ``img_size``, ``crop_pct``, ``interpolation``, ``mean`` and ``std`` normally come from the
-    model's pretrained data config (see ``imgrec.data.transforms.resolve_data_config``); the rest
+    model's pretrained data config or the pretrained weights' card (``imgrec.recipe``); the rest
     is the training recipe.
     """
 
-    img_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    # RandomResizedCrop: area fraction and aspect-ratio range of the crop.
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    auto_augment: str | None = None  # "trivial", or "rand" / "rand-m9-n2" (magnitude, ops)
-    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
-    random_erasing: float = 0.0  # probability, applied per image on the device after normalisation
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bad_fraction: float = 0.01
+    img_size: int = option(224, "input size in pixels (default: the weights' or the architecture's)")
+    crop_pct: float = option(0.875, "eval: resize the shorter side to img_size / crop_pct, then centre-crop")
+    interpolation: str = option("bicubic", "resize interpolation", choices=INTERPOLATIONS)
+    mean: tuple[float, float, float] = option(IMAGENET_MEAN, "normalisation mean per channel", metavar=("R", "G", "B"))
+    std: tuple[float, float, float] = option(IMAGENET_STD, "normalisation std per channel", metavar=("R", "G", "B"))
+    scale: tuple[float, float] = option((0.08, 1.0), "RandomResizedCrop area range", metavar=("MIN", "MAX"))
+    ratio: tuple[float, float] = option((3 / 4, 4 / 3), "RandomResizedCrop aspect range", metavar=("MIN", "MAX"))
+    hflip: float = option(0.5, "horizontal flip probability")
+    auto_augment: str | None = option(None, "'trivial' or 'rand-m9-n2' (RandAugment: magnitude, ops)")
+    rotation: float = option(0.0, "max rotation in degrees, uniform in [-rotation, rotation]")
+    random_erasing: float = option(0.0, "probability, per image on the device after normalisation")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest allowed width*height of an image (default 89,478,485)")
+    max_bad_fraction: float = option(0.01, "unreadable files allowed before the dataset is refused", flag=False)
 
     def __post_init__(self) -> None:
         if self.img_size < 1:
             raise ValueError(f"img_size must be a positive number of pixels, got {self.img_size}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+        if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
 
 
+# What turns an image into the model's input at inference: what the model card stores.
 PREPROCESSING = ("img_size", "crop_pct", "interpolation", "mean", "std")
 
 
@@ -70,44 +90,44 @@ class LoopConfig:
     (``batch_size * accum_steps`` images per optimizer step, over 256), ``base_lr`` and
     ``weight_decay`` from the optimizer's (or method's) usual values, ``precision`` and
     ``channels_last`` from the hardware, ``workers`` from the cores. ``data_config`` holds
-    DataConfig fields; those not given come from the model's pretrained config.
+    DataConfig fields; those not given come from the pretrained weights or the architecture.
     """
 
     OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("adamw", "sgd")
 
-    data: str = ""  # root with train/ and val/ (folders or shards), or a shard source (then val_data too)
-    val_data: str | None = None  # validation shards when ``data`` is a shard pattern, pipe: command or URL
-    model: str = "resnet50"
-    out: str = "runs/train"
-    epochs: int = 30
-    batch_size: int = 128
-    accum_steps: int = 1
-    opt: str | None = "adamw"  # adamw | sgd (Nesterov momentum) | lars (pretraining)
-    lr: float | None = None
-    base_lr: float | None = None  # per 256 images: adamw 1e-3, sgd 0.1
-    weight_decay: float | None = None  # adamw 0.05, sgd 1e-4; never on norms and biases
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    min_lr: float = 0.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool | None = None
-    compile: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    workers: int | None = None
-    loader: str = "fast"  # fast: decode-and-crop, uint8 all the way; standard: full decode + PIL transforms
-    steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke tests, benchmarks)
-    tensorboard: bool = True  # event files under RUN/tensorboard when tensorboard is installed
-    checkpoint_every: int | None = None  # optimizer steps between mid-epoch checkpoints (every epoch's end always saves)
-    checkpoint_minutes: float = 15.0  # minutes between mid-epoch checkpoints (0 = only by steps and at epochs' ends)
-    max_bad_steps: int = 10  # steps in a row whose loss is not finite (each skipped) before the run stops
-    deterministic: bool = False  # PyTorch's deterministic algorithms: a resumed run bitwise equal to a straight one
-    sync_bn: bool = False  # synchronise batch-norm statistics across ranks (DDP on GPUs)
-    data_config: dict[str, Any] = field(default_factory=dict)
+    data: str = option("", "dataset root holding train/<class>/ and val/<class>/ (or train/ and val/ folders of shards), or a shard pattern/URL")
+    val_data: str | None = option(None, "validation shards, when --data is a shard pattern, pipe: command or URL")
+    model: str = option("resnet50", "timm architecture, e.g. resnet50 (`imgrec models` lists them)")
+    out: str = option("runs/train", "run directory")
+    epochs: int = option(30, "passes over the training images")
+    batch_size: int = option(128, "images per step")
+    accum_steps: int = option(1, "batches per optimizer step (gradient accumulation)")
+    opt: str | None = option("adamw", "optimizer")
+    lr: float | None = option(None, "learning rate (default: --base-lr x batch x accum / 256)")
+    base_lr: float | None = option(None, "learning rate per 256 images (adamw 1e-3, sgd 0.1)")
+    weight_decay: float | None = option(None, "adamw 0.05, sgd 1e-4; never on biases and norms")
+    momentum: float = option(0.9, "SGD and LARS momentum")
+    warmup_epochs: float = option(1.0, "linear warmup before the cosine decay")
+    min_lr: float = option(0.0, "the cosine schedule's floor")
+    precision: str = option("auto", "auto: bf16 where the hardware has it", choices=PRECISIONS)
+    channels_last: bool | None = option(None, "NHWC memory (default on)")
+    compile: bool = option(False, "torch.compile the model")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = option(0, "data order, augmentation and initialisation")
+    workers: int | None = option(None, "loader processes (default: all cores)")
+    loader: str = option("fast", "fast: decode-and-crop JPEGs at the crop's scale; standard: torchvision's PIL path", choices=LOADERS)
+    steps_per_epoch: int | None = option(None, "cap optimizer steps per epoch (smoke tests, benchmarks)")
+    tensorboard: bool = option(True, "event files under RUN/tensorboard when tensorboard is installed")
+    checkpoint_every: int | None = option(None, "also write last.pt every STEPS optimizer steps (every epoch's end always does)", metavar="STEPS")
+    checkpoint_minutes: float = option(15.0, "also write last.pt every this many minutes (0 = off)")
+    max_bad_steps: int = option(10, "stop after this many steps in a row with a non-finite loss, each skipped")
+    deterministic: bool = option(False, "PyTorch's deterministic algorithms: bitwise-reproducible runs and resumes")
+    sync_bn: bool = option(False, "synchronise batch-norm statistics across DDP ranks (GPUs)")
+    data_config: dict[str, Any] = option(help="DataConfig fields; the data flags set them", factory=dict, flag=False)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
-        choices = {"opt": (None, *self.OPTIMIZERS), "precision": ("auto", "fp32", "bf16", "fp16"), "loader": ("fast", "standard")}
+        choices = {"opt": (None, *self.OPTIMIZERS), "precision": PRECISIONS, "loader": LOADERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
@@ -130,17 +150,19 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
     """One supervised training run: data, model, recipe and hardware. Saved resolved as ``RUN/config.yaml``."""
 
-    opt: str = "adamw"
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
-    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
-    clip_grad: float | None = None  # max global gradient norm
-    ema_decay: float | None = None  # e.g. 0.9998; None = no EMA
-    pretrained: str | None = None  # weights file, or a run directory (its backbone.safetensors / model.safetensors)
-    freeze_backbone: bool = False
-    layer_decay: float | None = None  # e.g. 0.75: each block towards the input learns at this factor of the next one's rate
-    train_fraction: float = 1.0  # train on this class-balanced fraction of the training images, chosen by the seed
-    drop_path: float | None = None
+    opt: str = option("adamw", "AdamW (default) or SGD with Nesterov momentum; base lr adamw 1e-3, sgd 0.1", choices=LoopConfig.OPTIMIZERS)
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    mixup: float = option(0.0, "mixup alpha: Beta(alpha, alpha) (0 = off)")
+    cutmix: float = option(0.0, "cutmix alpha: Beta(alpha, alpha) (0 = off)")
+    clip_grad: float | None = option(None, "max global gradient norm")
+    ema_decay: float | None = option(None, "keep an EMA of the weights with this decay, e.g. 0.9998")
+    pretrained: str | None = option(
+        None, "start from local weights (.safetensors/.pth) or a run directory (imgrec pretrain: its backbone)", metavar="FILE_OR_RUN"
+    )
+    freeze_backbone: bool = option(False, "train only the classifier")
+    layer_decay: float | None = option(None, "layer-wise lr decay for fine-tuning, e.g. 0.75: each block gets this factor of the next one's rate")
+    train_fraction: float = option(1.0, "train on this class-balanced fraction of the train images (0-1], chosen by --seed")
+    drop_path: float | None = option(None, "stochastic depth rate")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,35 +179,33 @@ class PretrainConfig(LoopConfig):
     """One self-supervised pretraining run (``imgrec pretrain``). Saved resolved as ``RUN/config.yaml``.
 
     ``opt``, ``base_lr``, ``weight_decay``, ``warmup_epochs`` and the head sizes default to the
-    method's paper (``imgrec.ssl``); ``data_config.scale`` is the views' crop range.
+    method's paper (``imgrec.engine.tasks``); ``data_config.scale`` is the views' crop range.
+    ``method`` names one of the registered methods (``imgrec.engine.tasks.METHODS``), checked
+    when the run starts.
     """
 
     OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("lars", "adamw", "sgd")
 
-    method: str = "simclr"  # simclr | moco | byol
-    out: str = "runs/pretrain"
-    epochs: int = 100
-    batch_size: int = 256
-    opt: str | None = None  # the method's: LARS
-    warmup_epochs: float = 10.0
-    temperature: float | None = None  # contrastive softmax temperature (SimCLR 0.1, MoCo v3 1.0)
-    proj_hidden_dim: int | None = None  # projector (and predictor) hidden width (SimCLR 2048, BYOL 4096)
-    proj_dim: int | None = None  # projection size (SimCLR 128, BYOL 256)
-    jitter_strength: float = 1.0  # scales the method's colour jitter (brightness, contrast, saturation, hue; hue at most 0.5)
-    blur: bool = True  # the method's Gaussian blur in the views (SimCLR's paper drops it for 32-px CIFAR images)
-    lars_trust: float = 1e-3  # LARS trust coefficient: each step moves a tensor by about lr x trust of its norm
-    teacher_momentum: float | None = None  # MoCo v3, BYOL: EMA rate of the target network at the start (to 1 by a cosine)
-    knn_k: int = 20  # the monitor's neighbours
-    knn_temperature: float = 0.07  # the monitor's vote weights exp(cosine / T)
-    knn_every: int = 1  # epochs between kNN monitor runs (0 = off); the last epoch always runs it when on
-    knn_bank_size: int | None = 20_000  # at most this many labelled train images in the monitor's memory bank
+    method: str = option("simclr", "simclr (contrastive, default), moco (MoCo v3: contrastive, momentum teacher) or byol (momentum teacher, no negatives)")
+    out: str = option("runs/pretrain", "run directory")
+    epochs: int = option(100, "passes over the images")
+    batch_size: int = option(256, "images per step")
+    opt: str | None = option(None, "default: the method's (LARS)", choices=OPTIMIZERS)
+    warmup_epochs: float = option(10.0, "linear warmup before the cosine decay")
+    temperature: float | None = option(None, "contrastive softmax temperature (SimCLR 0.1, MoCo v3 1.0)")
+    proj_hidden_dim: int | None = option(None, "hidden width of the projector/predictor (SimCLR 2048, BYOL 4096)")
+    proj_dim: int | None = option(None, "output size of the projector (SimCLR 128, BYOL 256)")
+    jitter_strength: float = option(1.0, "scale the method's colour jitter (brightness, contrast, saturation, hue; hue at most 0.5)")
+    blur: bool = option(True, "the method's Gaussian blur in the views (off suits images of ~32 px)")
+    lars_trust: float = option(1e-3, "LARS trust coefficient (the papers' at batch 4096; small batches want ~0.02)")
+    teacher_momentum: float | None = option(None, "MoCo v3, BYOL: the teacher's EMA rate at the start, rising to 1 (0.99, 0.996)")
+    knn_k: int = option(20, "neighbours of the kNN monitor")
+    knn_temperature: float = option(0.07, "vote weight exp(cosine / T) of the kNN monitor")
+    knn_every: int = option(1, "run the kNN monitor every N epochs (0 = never); the last epoch always runs it when on")
+    knn_bank_size: int | None = option(20_000, "labelled train images in the monitor's bank, class-balanced")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from imgrec.ssl import METHODS  # the methods register themselves; no torch needed to list names
-
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         positive = {"knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "lars_trust": self.lars_trust, "temperature": self.temperature, "jitter_strength": self.jitter_strength,
                     "knn_bank_size": self.knn_bank_size, "proj_dim": self.proj_dim, "proj_hidden_dim": self.proj_hidden_dim}  # fmt: skip
         for name, value in positive.items():
@@ -198,6 +218,19 @@ class PretrainConfig(LoopConfig):
         unused = [k for k in ("auto_augment", "rotation", "random_erasing") if self.data_config.get(k)]
         if unused:
             raise ValueError(f"pretraining views have their method's own augmentation; {', '.join(unused)} do not apply to them")
+
+
+@dataclass
+class ServeConfig:
+    """How ``imgrec serve`` batches and what it refuses (``imgrec.serve``)."""
+
+    name: str = option("imgrec", "the model's name in /v2/models/NAME (default: the run folder's name)")
+    max_batch: int = option(16, "images in one forward pass")
+    max_wait_ms: float = option(5.0, "how long a lone request waits for others to batch with")
+    max_body_bytes: int = option(32 << 20, "largest request body", flag=False)  # the CLI takes it in MiB: --max-body-mb
+    max_pixels: int = option(25_000_000, "largest image in pixels, read from its header")
+    max_images: int = option(64, "images in one request")
+    max_queue: int = option(256, "images decoded or queued at once; past it requests get 503 + Retry-After")
 
 
 def _check_numbers(config: Any) -> None:
@@ -254,16 +287,7 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     return cls(**values)
 
 
-def apply_overrides(config: T, overrides: list[str]) -> T:
-    """A copy of ``config`` with ``key=value`` strings applied; values are parsed as YAML."""
-    changes: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        changes[key.strip()] = yaml.safe_load(raw)
-    merged = {**to_dict(config), **changes}
-    return from_dict(type(config), merged, source="overrides")
-
-
-__all__ = ["PREPROCESSING", "DataConfig", "LoopConfig", "preprocessing", "PretrainConfig", "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "apply_overrides", "from_dict", "load_yaml", "save_yaml", "to_dict"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "LOADERS", "PRECISIONS", "PREPROCESSING", "DataConfig", "LoopConfig",
+    "PretrainConfig", "ServeConfig", "TrainConfig", "from_dict", "load_yaml", "option", "preprocessing", "save_yaml", "to_dict",
+]  # fmt: skip

@@ -56,8 +56,8 @@ def run_demo(
 ) -> Path:
     """Run the demo into ``out``; returns the path of the HTML report. ``spec`` and ``epochs`` shrink it for tests."""
     from imgrec.engine.evaluate import evaluate
-    from imgrec.engine.train import train
-    from imgrec.predict import load
+    from imgrec.engine.tasks.classify import train
+    from imgrec.inference.predict import load
     from imgrec.report import write_report
 
     console = console or Console(soft_wrap=True)

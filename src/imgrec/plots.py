@@ -3,6 +3,9 @@ its own Agg canvas, never through pyplot, so no global state or display is touch
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -65,4 +68,19 @@ def confusion_figure(confusion: list[list[int]], classes: list[str]) -> Figure:
     return figure
 
 
-__all__ = ["confusion_figure", "short_label"]
+def write_confusion_png(confusion: list[list[int]], classes: list[str], path: str | os.PathLike) -> Path:
+    """Save the row-normalised confusion matrix as a heat map: each row shows where a true class went.
+
+    Rows are normalised so that small and large classes read on the same 0..1 scale; the raw
+    counts are written in the non-zero cells up to 30 classes. Class names label both axes up to
+    100 classes, beyond which they could not be read anyway. Uses an Agg canvas of its own, so no
+    pyplot state or display is touched.
+    """
+    figure = confusion_figure(confusion, classes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+__all__ = ["confusion_figure", "short_label", "write_confusion_png"]

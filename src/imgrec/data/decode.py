@@ -17,9 +17,7 @@ from typing import Any, NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-# The same cap Pillow warns at (about 89 megapixels): far above any photo in ImageNet, far below
-# what a crafted "decompression bomb" header declares.
-DEFAULT_MAX_PIXELS = 89_478_485
+from imgrec.config import DEFAULT_MAX_PIXELS  # noqa: F401  (the default of every max_pixels below)
 
 # Files are read whole before decoding; a larger "image" (a 2 GB video named .jpg) is refused
 # instead of filling a worker's memory. 16-bit PNGs at the pixel limit stay well under it.

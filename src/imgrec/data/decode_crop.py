@@ -25,7 +25,6 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from imgrec.data.decode import DEFAULT_MAX_PIXELS, EncodedImage, ImageSource, check_pixel_count, load_rgb, read_image_bytes
-from imgrec.data.transforms import INTERPOLATIONS
 
 DCT_SCALES = (8, 4, 2, 1)  # the denominators libjpeg-turbo decodes with SIMD, largest first
 JPEG_COLOURS = ("YCbCr", "Gray", "RGB")  # colour spaces libjpeg-turbo converts to RGB itself
@@ -56,7 +55,7 @@ class DecodeCrop:
 
     def __init__(self, size: int, interpolation: str = "bilinear", fast_dct: bool = False):
         self.size = (size, size)
-        self.interpolation = INTERPOLATIONS[interpolation]
+        self.interpolation = InterpolationMode(interpolation)  # "bilinear", "bicubic", "nearest"
         self.fast_dct = fast_dct
 
     def crop_box(self, height: int, width: int) -> CropBox:

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from imgrec.config import DataConfig
 from imgrec.data.decode import load_rgb
-from imgrec.data.folder import ImageFolderDataset, split_dirs
+from imgrec.data.folder import ImageFolderDataset
+from imgrec.data.splits import split_dirs
 from imgrec.data.transforms import (
     BatchNormalize,
     EvalTransform,

@@ -8,8 +8,8 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from imgrec import distributed
 from imgrec.data.sampler import EpochSampler
-from imgrec.data.shards import distributed_rank_world
 from imgrec.utils import available_cpus
 
 
@@ -52,7 +52,7 @@ def create_loader(
     workers = default_workers() if num_workers is None else num_workers
     sampler = None
     if not isinstance(dataset, IterableDataset):  # shards shuffle and split themselves
-        rank, world = distributed_rank_world()
+        rank, world = distributed.rank(), distributed.world_size()
         if train or world > 1:
             sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world=world, shuffle=train, drop_last=train)
     generator = torch.Generator().manual_seed(seed)

@@ -32,9 +32,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from imgrec import distributed
 from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, EncodedImage, load_sample
 from imgrec.data.folder import DatasetError, SkipLog, seeded_augmentation
-from imgrec.engine import distributed
 
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_NAME_RE = re.compile(r"shard-\d{6}\.tar")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from imgrec.config import option
 from imgrec.utils import available_cpus
 
 SHAPES = (
@@ -32,14 +33,16 @@ JPEG_QUALITY = 90
 
 @dataclass(frozen=True)
 class SynthSpec:
-    classes: int = 10
-    train_per_class: int = 300
-    val_per_class: int = 60
-    seed: int = 0
-    min_side: int = 96
-    max_side: int = 320
-    clutter: float = 1.0  # scales background noise, stripes, blobs and occluding lines; 0 = a plain colour field
-    background: float = 1.0  # contrast of the coarse colour field behind everything; 0 = one flat colour per image
+    """What ``imgrec synth`` draws; each field is a flag of the command."""
+
+    classes: int = option(10, "shapes, one class each")
+    train_per_class: int = option(300, "training images per class")
+    val_per_class: int = option(60, "validation images per class")
+    seed: int = option(0, "the images drawn")
+    min_side: int = option(96, "smallest image side in pixels")
+    max_side: int = option(320, "largest image side in pixels")
+    clutter: float = option(1.0, "0-1: amount of background noise, stripes, blobs and occluding lines (0: a plain colour field)")
+    background: float = option(1.0, "0-1: contrast of the background's colour field (0: one flat colour)")
 
     def __post_init__(self) -> None:
         if not 2 <= self.classes <= len(SHAPES):
@@ -53,9 +56,10 @@ class SynthSpec:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
 
-def write_synth_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), workers: int | None = None) -> Path:
-    """Write ``out/train/<shape>/*.jpg`` and ``out/val/<shape>/*.jpg``; returns ``out``."""
+def write_synth_dataset(out: str | os.PathLike, spec: SynthSpec | None = None, workers: int | None = None) -> Path:
+    """Write ``out/train/<shape>/*.jpg`` and ``out/val/<shape>/*.jpg`` (``spec`` default: ``SynthSpec()``); returns ``out``."""
     out = Path(out)
+    spec = spec if spec is not None else SynthSpec()
     jobs = []
     for split_id, split in enumerate(SPLITS):
         count = spec.train_per_class if split == "train" else spec.val_per_class

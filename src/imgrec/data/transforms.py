@@ -11,45 +11,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from imgrec.config import DataConfig
+from imgrec.config import INTERPOLATIONS as INTERPOLATION_NAMES
+from imgrec.config import LOADERS, DataConfig
+from imgrec.data.decode_crop import CenterCropDecode, RandomResizedCropDecode
 
-# "fast": decode-and-crop (imgrec.data.decode_crop); "standard": decode everything, then PIL transforms.
-LOADERS = ("fast", "standard")
-
-INTERPOLATIONS = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
-
-
-def resolve_data_config(model: torch.nn.Module | None = None, base: DataConfig | None = None, **overrides: Any) -> DataConfig:
-    """The data config for ``model``: its pretrained config's preprocessing, then ``overrides``.
-
-    Only ``img_size``, ``crop_pct``, ``interpolation``, ``mean`` and ``std`` come from the model;
-    overrides whose value is ``None`` are ignored, so CLI flags can be passed straight through.
-    """
-    config = base or DataConfig()
-    if model is not None:
-        from timm.data import resolve_model_data_config
-
-        timm_config = resolve_model_data_config(model)
-        config = replace(
-            config,
-            img_size=int(timm_config["input_size"][-1]),
-            crop_pct=float(timm_config["crop_pct"]),
-            interpolation=timm_config["interpolation"] if timm_config["interpolation"] in INTERPOLATIONS else "bicubic",
-            mean=tuple(timm_config["mean"]),
-            std=tuple(timm_config["std"]),
-        )
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+INTERPOLATIONS = {name: InterpolationMode(name) for name in INTERPOLATION_NAMES}  # name -> torchvision's mode
 
 
 class StepwiseTransform:
@@ -146,8 +118,6 @@ def train_transform(config: DataConfig, loader: str = "fast") -> Callable[..., t
     """The training pipeline of ``config``: decode-and-crop (``fast``) or PIL transforms (``standard``)."""
     if check_loader(loader) == "standard":
         return TrainTransform.from_config(config)
-    from imgrec.data.decode_crop import RandomResizedCropDecode
-
     steps = augment_steps(config.interpolation, config.auto_augment, config.rotation, mean_colour(config))
     return RandomResizedCropDecode(
         config.img_size, scale=config.scale, ratio=config.ratio, hflip=config.hflip, interpolation=config.interpolation,
@@ -159,8 +129,6 @@ def eval_transform(config: DataConfig, loader: str = "fast") -> Callable[..., to
     """The evaluation pipeline of ``config``: resize the shorter side, centre crop; fast or standard."""
     if check_loader(loader) == "standard":
         return EvalTransform.from_config(config)
-    from imgrec.data.decode_crop import CenterCropDecode
-
     return CenterCropDecode(config.img_size, crop_pct=config.crop_pct, interpolation=config.interpolation)
 
 

@@ -1,1 +1,1 @@
-"""The supervised engine: the training loop, evaluation, optimisers and schedules, EMA, precision."""
+"""Training: the trainer and its tasks, evaluation, probes, optimisers and schedules."""

@@ -136,4 +136,17 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-__all__ = ["BASE_LR", "LARS", "WEIGHT_DECAY", "cosine_schedule", "create_optimizer", "param_groups", "scaled_lr"]
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every group's rate from ``scheduler``'s position: after a resume, the schedule of this
+    run (its epochs may have been raised) applies from the first resumed step."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest group rate (with layer decay the head's; the other groups are scaled down)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+__all__ = ["BASE_LR", "LARS", "WEIGHT_DECAY", "apply_schedule", "cosine_schedule", "create_optimizer", "param_groups", "peak_lr", "scaled_lr"]

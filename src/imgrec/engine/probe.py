@@ -20,14 +20,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from imgrec.card import ModelCard
 from imgrec.config import PREPROCESSING, DataConfig
-from imgrec.data.folder import SkipLog, load_splits
+from imgrec.data.folder import SkipLog
 from imgrec.data.loader import create_loader
-from imgrec.data.transforms import BatchNormalize, eval_transform, resolve_data_config
+from imgrec.data.splits import load_splits
+from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.engine.evaluate import classification_metrics, collect_logits
-from imgrec.engine.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
 from imgrec.engine.knn import knn_scores, linear_probe
+from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
 from imgrec.models.factory import create_model, resolve_weights
+from imgrec.recipe import resolve_data_config
 from imgrec.utils import atomic_write
 
 
@@ -39,7 +42,7 @@ class Backbone:
     architecture: str
     source: str  # "random:ARCH" or the weights file
     digest: str  # sha256 of the weights file, or of "random:ARCH:seed"
-    data_config: dict[str, Any]  # preprocessing stored with the weights, if any
+    card: ModelCard | None  # stored with the weights (a run directory's), if any: their preprocessing
 
 
 def load_backbone(spec: str | os.PathLike, model: str | None = None, seed: int = 0) -> Backbone:
@@ -50,9 +53,9 @@ def load_backbone(spec: str | os.PathLike, model: str | None = None, seed: int =
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
         torch.manual_seed(seed)
-        return Backbone(create_model(arch, num_classes=0), arch, spec, _sha256(f"{spec}:{seed}".encode()), {})
-    weights, info = resolve_weights(spec)
-    arch = model or info.get("architecture")
+        return Backbone(create_model(arch, num_classes=0), arch, spec, _sha256(f"{spec}:{seed}".encode()), None)
+    weights, card = resolve_weights(spec)
+    arch = model or (card.architecture if card is not None else None)
     if not arch:
         raise ValueError(f"{spec} does not say which architecture it holds: pass --model ARCH")
     net = create_model(arch, num_classes=0, pretrained=weights)
@@ -60,7 +63,7 @@ def load_backbone(spec: str | os.PathLike, model: str | None = None, seed: int =
     with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-    return Backbone(net, arch, str(weights), digest.hexdigest(), {k: info[k] for k in PREPROCESSING if k in info})
+    return Backbone(net, arch, str(weights), digest.hexdigest(), card)
 
 
 def feature_cache_dir() -> Path:
@@ -161,43 +164,42 @@ def probe(
     if method not in ("knn", "linear"):
         raise ValueError(f"probe method must be knn or linear, got {method!r}")
     net = load_backbone(backbone, model, seed)
-    config = resolve_data_config(net.model, **{**net.data_config, **(data_config or {})})
+    config = resolve_data_config(net.model, card=net.card, **(data_config or {}))
+    cache_dir = None if cache is False else (feature_cache_dir() if cache is True else Path(cache))
+    options = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision, "cache": cache_dir, "loader": loader, "console": console}
+    (train_x, train_y), (val_x, val_y), classes, skipped = split_features(net, data, config, seed, options)
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    if method == "knn":
+        scores = knn_scores(train_x.to(dev), train_y, val_x, len(classes), k=k, temperature=temperature)
+    else:
+        scores = linear_probe(train_x.to(dev), train_y.to(dev), val_x.to(dev), len(classes), epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+    metrics = classification_metrics(scores, val_y, classes)
+    return {
+        "method": method, "backbone": net.source, "architecture": net.architecture, "top1": metrics["top1"], "top5": metrics["top5"],
+        "train_images": int(train_y.numel()), "val_images": int(val_y.numel()), "feature_dim": int(train_x.shape[1]),
+        "classifier_seconds": round(time.perf_counter() - started, 3), "per_class": metrics["per_class"], "skipped": skipped,
+    }  # fmt: skip
+
+
+def split_features(backbone: Backbone, data: str | os.PathLike, config: DataConfig, seed: int, options: dict[str, Any]) -> tuple[Any, Any, list[str], list[dict[str, str]]]:
+    """((train features, labels), (val features, labels), classes, unreadable files) of the dataset root ``data``."""
     skip_log = SkipLog()
     try:
         splits = load_splits(data, seed=seed, skip_log=skip_log, max_pixels=config.max_pixels, max_bad_fraction=config.max_bad_fraction)
-        cache_dir = None if cache is False else (feature_cache_dir() if cache is True else Path(cache))
-        options = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision, "cache": cache_dir, "loader": loader, "console": console}
-        train_x, train_y = extract_features(net, splits.train, config, split="train", **options)
-        val_x, val_y = extract_features(net, splits.val, config, split="val", **options)
+        train = extract_features(backbone, splits.train, config, split="train", **options)
+        val = extract_features(backbone, splits.val, config, split="val", **options)
         skipped = [{"path": path, "reason": reason} for path, reason in skip_log.entries().items()]
     finally:
         skip_log.path.unlink(missing_ok=True)
+    console = options.get("console")
     if skipped and console is not None:
         console.print(f"{len(skipped)} unreadable file(s) left out, e.g. {skipped[0]['path']}: {skipped[0]['reason']}", style="yellow", highlight=False)
-    started = time.perf_counter()
-    num_classes, dev = len(splits.classes), resolve_device(device)
-    if method == "knn":
-        scores = knn_scores(train_x.to(dev), train_y, val_x, num_classes, k=k, temperature=temperature)
-    else:
-        scores = linear_probe(train_x.to(dev), train_y.to(dev), val_x.to(dev), num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
-    metrics = classification_metrics(scores, val_y, splits.classes)
-    return {
-        "method": method,
-        "backbone": net.source,
-        "architecture": net.architecture,
-        "top1": metrics["top1"],
-        "top5": metrics["top5"],
-        "train_images": int(train_y.numel()),
-        "val_images": int(val_y.numel()),
-        "feature_dim": int(train_x.shape[1]),
-        "classifier_seconds": round(time.perf_counter() - started, 3),
-        "per_class": metrics["per_class"],
-        "skipped": skipped,
-    }
+    return train, val, splits.classes, skipped
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["Backbone", "extract_features", "feature_cache_dir", "load_backbone", "probe"]
+__all__ = ["Backbone", "extract_features", "feature_cache_dir", "load_backbone", "probe", "split_features"]

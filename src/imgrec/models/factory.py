@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import timm
 import torch
+
+from imgrec.card import BACKBONE_CARD, BACKBONE_WEIGHTS, MODEL_CARD, MODEL_WEIGHTS, ModelCard
 
 # Names under which timm's model modules keep their converters from other key layouts.
 _FILTER_FUNCTIONS = ("checkpoint_filter_fn", "_filter_fn", "_filter_torchvision_pretrained")
@@ -99,29 +100,28 @@ def _is_head_key(model: torch.nn.Module, key: str) -> bool:
 
 
 # What a run directory holds, in the order ``resolve_weights`` looks: pretraining, then training.
-RUN_WEIGHTS = (("backbone.safetensors", "backbone.json"), ("model.safetensors", "model.json"))
+RUN_WEIGHTS = ((BACKBONE_WEIGHTS, BACKBONE_CARD), (MODEL_WEIGHTS, MODEL_CARD))
 
 
-def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(weights file, its JSON info) for a weights file or a run directory.
+def resolve_weights(path: str | os.PathLike) -> tuple[Path, ModelCard | None]:
+    """(weights file, its card or None) for a weights file or a run directory.
 
     A directory of ``imgrec pretrain`` gives its backbone.safetensors, one of ``imgrec train``
-    its model.safetensors, with the JSON info (architecture, preprocessing) beside it; such a
-    file named directly comes with its info too, any other file with none.
+    its model.safetensors, with the card (architecture, preprocessing) beside it; such a file
+    named directly comes with its card too, any other file with none.
     """
     path = Path(path)
     if path.is_dir():
-        for weights, info in RUN_WEIGHTS:
+        for weights, card in RUN_WEIGHTS:
             if (path / weights).is_file():
-                info_path = path / info
-                return path / weights, json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-        raise WeightsError(f"{path} holds no backbone.safetensors (imgrec pretrain) or model.safetensors (imgrec train): pass a run directory or a weights file")
+                return path / weights, ModelCard.read(path / card) if (path / card).is_file() else None
+        raise WeightsError(f"{path} holds no {BACKBONE_WEIGHTS} (imgrec pretrain) or {MODEL_WEIGHTS} (imgrec train): pass a run directory or a weights file")
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist (pretrained weights must be a local file or run directory)")
     beside = dict(RUN_WEIGHTS).get(path.name)  # RUN/backbone.safetensors named as a file: its backbone.json still counts
     if beside and (path.parent / beside).is_file():
-        return path, json.loads((path.parent / beside).read_text(encoding="utf-8"))
-    return path, {}
+        return path, ModelCard.read(path.parent / beside)
+    return path, None
 
 
 def _match_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

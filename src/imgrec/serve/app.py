@@ -16,7 +16,6 @@ import functools
 import html
 import io
 import logging
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from imgrec.config import ServeConfig
 from imgrec.data.decode import BadImageError, EncodedImage, TooManyPixelsError, load_sample
-from imgrec.predict import Classifier
+from imgrec.inference.predict import Classifier, load
 from imgrec.serve.batcher import DynamicBatcher
 from imgrec.serve.metrics import Metrics, MetricsMiddleware
 from imgrec.serve.protocol import InferRequest, RequestError, bad, encode_infer_response, parse_infer_request, parse_top_k
@@ -41,23 +41,12 @@ log = logging.getLogger("imgrec.serve")
 DRAIN_LIMIT = 1 << 30  # an over-size body is read and dropped up to this, so the client hears the 413
 
 
-@dataclass
-class ServeConfig:
-    name: str = "imgrec"  # the model's name in /v2/models/{name}
-    max_batch: int = 16  # images in one forward pass
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-    max_body_bytes: int = 32 << 20
-    max_pixels: int = 25_000_000  # per image, read from the header before decoding
-    max_images: int = 64  # per request
-    max_queue: int = 256  # images decoded or waiting for the network; past it a request gets 503 + Retry-After
-
-
 class Server:
     """The state behind the routes: the classifier, its batcher, the metrics."""
 
     def __init__(self, classifier: Classifier, config: ServeConfig):
         self.classifier, self.config = classifier, config
-        self.size = int(classifier.info["img_size"])
+        self.size = classifier.card.img_size
         self.metrics = Metrics()
         self.batcher = DynamicBatcher(
             classifier.forward, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000, on_batch=self.metrics.observe_batch
@@ -72,7 +61,7 @@ class Server:
         for batch in sorted({1, self.config.max_batch}):  # first calls allocate (and compile has both shapes to build): not a client's wait
             await self.batcher(torch.zeros(batch, 3, self.size, self.size, device=self.classifier.device))
         self.ready = True
-        log.info("serving %s as %r with backend %s", self.classifier.info["architecture"], self.config.name, self.classifier.backend)
+        log.info("serving %s as %r with backend %s", self.classifier.card.architecture, self.config.name, self.classifier.backend)
         try:
             yield
         finally:
@@ -84,7 +73,7 @@ class Server:
         """Refuse an image whose eval resize (shorter side to img_size / crop_pct) would exceed the pixel limit:
         a 1 x 1,000,000 strip has few pixels but would be resized to hundreds of millions."""
         short, long = sorted((max(1, height), max(1, width)))
-        side = self.size / float(self.classifier.info["crop_pct"])
+        side = self.size / float(self.classifier.card.data_config.crop_pct)
         resized = side * side * long / short
         if resized > self.config.max_pixels:
             raise bad(
@@ -181,7 +170,7 @@ class Server:
 
     async def model_metadata(self, request: Request) -> Response:
         self.check_model(request)
-        info, size, classes = self.classifier.info, self.size, len(self.classifier.classes)
+        data, size, classes = self.classifier.card.data_config, self.size, len(self.classifier.classes)
         return JSONResponse({
             "name": self.config.name, "versions": ["1"], "platform": f"imgrec/{self.classifier.backend}",
             "inputs": [
@@ -195,8 +184,8 @@ class Server:
                 {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
             ],
             "parameters": {
-                "architecture": info["architecture"], "classes": self.classifier.classes, "img_size": size, "crop_pct": info["crop_pct"],
-                "mean": info["mean"], "std": info["std"], "interpolation": info["interpolation"], "top_k": 5,
+                "architecture": self.classifier.card.architecture, "classes": self.classifier.classes, "img_size": size, "crop_pct": data.crop_pct,
+                "mean": list(data.mean), "std": list(data.std), "interpolation": data.interpolation, "top_k": 5,
                 "max_batch": self.config.max_batch, "max_images": self.config.max_images, "max_pixels": self.config.max_pixels,
                 "max_body_bytes": self.config.max_body_bytes, "one_input": "send exactly one of the inputs; its datatype says which",
             },
@@ -348,8 +337,6 @@ def serve(
 ) -> None:  # fmt: skip
     """Load the model directory ``run`` and serve it until interrupted."""
     import uvicorn
-
-    from imgrec.predict import load
 
     classifier = load(run, device=device, backend=backend)
     print(f"imgrec serve: {run} as model {(config or ServeConfig()).name!r}, backend {classifier.backend} ({classifier.backend_reason})", flush=True)

@@ -69,22 +69,7 @@ def bad(kind: str, message: str, status: int = 400) -> RequestError:
 
 def parse_infer_request(body: bytes, header_length: str | None, *, image_size: int, max_images: int) -> InferRequest:
     """An ``InferRequest`` from an HTTP body (JSON, or JSON + binary tensors)."""
-    if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise bad("bad_request", f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}") from None
-        if not 0 < length <= len(body):
-            raise bad("bad_request", f"Inference-Header-Content-Length {length} does not fit in the {len(body)}-byte body")
-        header, binary = body[:length], memoryview(body)[length:]
-    else:
-        header, binary = body, memoryview(b"")
-    try:
-        request = json.loads(header)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise bad("bad_request", f"the request is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(request, dict):
-        raise bad("bad_request", "the request must be a JSON object with an 'inputs' list")
+    request, binary = split_body(body, header_length)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         count = len(inputs) if isinstance(inputs, list) else 0
@@ -116,6 +101,33 @@ def parse_infer_request(body: bytes, header_length: str | None, *, image_size: i
         if len(parsed.images) != count:
             raise bad("bad_shape", f"shape {shape} says {count} images, the data holds {len(parsed.images)}")
         return parsed
+    parsed.array = read_array(tensor, datatype, shape, binary if size is not None else None, image_size)
+    return parsed
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """(the JSON header as a dict, the binary tensor data after it) of a request body."""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise bad("bad_request", f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}") from None
+        if not 0 < length <= len(body):
+            raise bad("bad_request", f"Inference-Header-Content-Length {length} does not fit in the {len(body)}-byte body")
+        header, binary = body[:length], memoryview(body)[length:]
+    else:
+        header, binary = body, memoryview(b"")
+    try:
+        request = json.loads(header)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad("bad_request", f"the request is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(request, dict):
+        raise bad("bad_request", "the request must be a JSON object with an 'inputs' list")
+    return request, binary
+
+
+def read_array(tensor: dict[str, Any], datatype: Any, shape: list[int], binary: memoryview | None, image_size: int) -> np.ndarray:
+    """The UINT8 pixels (NCHW) or FP32 model input of a tensor, from its binary data or its JSON 'data'."""
     if datatype not in ("UINT8", "FP32"):
         raise bad(
             "bad_dtype",
@@ -127,9 +139,9 @@ def parse_infer_request(body: bytes, header_length: str | None, *, image_size: i
     if datatype == "UINT8" and (len(shape) != 4 or 3 not in (shape[1], shape[3]) or 0 in shape):
         raise bad("bad_shape", f"a UINT8 input is RGB pixels [N, 3, H, W] or [N, H, W, 3], got {shape}")
     dtype = NUMPY_TYPES[datatype]
-    if size is not None:
-        if size != math.prod(shape) * np.dtype(dtype).itemsize:
-            raise bad("bad_shape", f"{size} bytes of {datatype} do not make shape {shape} ({math.prod(shape)} values)")
+    if binary is not None:
+        if len(binary) != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise bad("bad_shape", f"{len(binary)} bytes of {datatype} do not make shape {shape} ({math.prod(shape)} values)")
         array = np.frombuffer(binary, dtype=dtype).reshape(shape)
     else:
         try:
@@ -141,8 +153,7 @@ def parse_infer_request(body: bytes, header_length: str | None, *, image_size: i
         array = array.reshape(shape)
     if datatype == "FP32" and not (np.abs(array) <= MAX_FP32_INPUT).all():  # also catches NaN
         raise bad("bad_value", f"the FP32 input holds values beyond +-{MAX_FP32_INPUT:g}, NaN or infinity: send the normalised model input")
-    parsed.array = np.ascontiguousarray(array.transpose(0, 3, 1, 2) if datatype == "UINT8" and shape[1] != 3 else array)
-    return parsed
+    return np.ascontiguousarray(array.transpose(0, 3, 1, 2) if datatype == "UINT8" and shape[1] != 3 else array)
 
 
 def parameters(holder: dict[str, Any], what: str) -> dict[str, Any]:

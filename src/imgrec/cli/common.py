@@ -1,0 +1,76 @@
+"""What every command module shares: the console, and flags generated from config dataclasses.
+
+A config field becomes ``--field-name``: its type gives the argument's type (``bool`` an
+``--x/--no-x`` pair, a tuple ``nargs``), its metadata the help, metavar and choices
+(``imgrec.config.option``). The flag's default is ``None``, so that a value not given on the
+command line leaves the YAML's value, or the dataclass default, in place; the help shows the
+dataclass default. Nothing here imports torch: ``imgrec --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+
+console = Console(soft_wrap=True)  # long paths stay on one line, greppable
+
+
+def flag_fields(cls: type, only: Iterable[str] | None = None) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that have a flag (all but those marked ``flag=False``), optionally only ``only``."""
+    names = set(only) if only is not None else None
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag", True) and (names is None or f.name in names)]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, only: Iterable[str] | None = None, choices: dict[str, Sequence[str]] | None = None) -> None:
+    """One flag per field of the dataclass ``cls`` (see the module's docstring); ``choices`` gives
+    the choice lists that come from registries (SSL methods, backends) by field name."""
+    hints = typing.get_type_hints(cls)
+    for f in flag_fields(cls, only):
+        kind = _without_none(hints[f.name])
+        options: dict[str, Any] = {"default": None, "help": _help(f)}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            parts = typing.get_args(kind)
+            options.update(type=parts[0], nargs=len(parts))
+        else:
+            options["type"] = kind
+        allowed = (choices or {}).get(f.name, f.metadata.get("choices"))
+        if allowed:
+            options["choices"] = [c for c in allowed if c is not None]
+        if "metavar" in f.metadata:
+            options["metavar"] = f.metadata["metavar"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def given(args: argparse.Namespace, cls: type, only: Iterable[str] | None = None) -> dict[str, Any]:
+    """The values of ``cls``'s flags in ``args`` (``None``: not given)."""
+    return {f.name: getattr(args, f.name) for f in flag_fields(cls, only)}
+
+
+def _without_none(kind: Any) -> Any:
+    """``int`` for ``int | None``."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        parts = [p for p in typing.get_args(kind) if p is not type(None)]
+        return parts[0] if len(parts) == 1 else str
+    return kind
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    default = f.default
+    if default is dataclasses.MISSING or default is None or default == "" or "default" in text:
+        return text.replace("%", "%%")
+    shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if isinstance(default, tuple) else default
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    return f"{text} (default {shown})".replace("%", "%%")
+
+
+__all__ = ["add_config_flags", "console", "flag_fields", "given"]

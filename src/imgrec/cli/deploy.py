@@ -1,0 +1,180 @@
+"""``imgrec predict``, ``export``, ``benchmark`` and ``serve``: a model directory put to use.
+Thin layers over ``imgrec.inference`` and ``imgrec.serve``; the backends' names come from their
+registry (``imgrec.inference.backends``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from imgrec.cli.common import add_config_flags, console
+from imgrec.cli.evaluation import add_inference_flags
+from imgrec.config import ServeConfig
+from imgrec.inference.backends import BACKENDS
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("predict", help="top-k classes of images, folders or globs")
+    p.add_argument("run", help="model directory (the --out of imgrec train)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    add_inference_flags(p, batch_size=32)
+    add_backend_flag(p)
+    p.set_defaults(handler=run_predict)
+    add_export_parser(commands)
+    add_benchmark_parser(commands)
+    add_serve_parser(commands)
+
+
+def add_backend_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend", choices=["auto", *BACKENDS], default="auto",
+        help="what runs the network; auto: the fastest that `imgrec benchmark RUN` recorded with >= 99%% agreement, else PyTorch at --precision",
+    )  # fmt: skip
+
+
+def add_export_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("export", help="export a model directory to ONNX or TorchScript, checked against the eager model on real images")
+    p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--int8", action="store_true", help="ONNX only: post-training int8 quantisation (onnxruntime), calibrated on --calibration images")
+    p.add_argument("--out", help="output file (default: RUN/model.onnx, model.int8.onnx or model.torchscript.pt)")
+    p.add_argument("--images", help="folder of images for the parity check and calibration (default: the run's val split)")
+    p.add_argument("--max-images", type=int, default=256, help="images the parity check runs on (default 256)")
+    p.add_argument("--calibration", type=int, default=300, help="--int8: calibration images (default 300)")
+    p.add_argument("--tolerance", type=float, help="largest |logit difference| allowed (default 1e-3; int8: not checked)")
+    p.add_argument("--min-agreement", type=float, help="lowest top-1 agreement in percent (default 100; int8: 97)")
+    p.add_argument("--json", metavar="FILE", help="also write the check's figures as JSON")
+    p.set_defaults(handler=run_export)
+
+
+def add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("benchmark", help="latency (batch 1) and throughput of each inference backend, with top-1 agreement")
+    p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
+    p.add_argument("--backends", help=f"comma-separated, from {', '.join(BACKENDS)} (default: every one that runs on the CPU)")
+    p.add_argument("--batch", type=int, default=32, help="batch of the throughput figure (default 32)")
+    p.add_argument("--iterations", type=int, default=50, help="batch-1 calls for the latency percentiles (default 50)")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds of batches for each throughput figure (default 10)")
+    p.add_argument("--images", help="folder of images for the agreement check and int8 calibration (default: the run's val split)")
+    p.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: all cores)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.set_defaults(handler=run_benchmark)
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="serve a model directory over HTTP: Open Inference Protocol v2, POST /predict, a page at /, /metrics")
+    p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    add_backend_flag(p)
+    add_config_flags(p, ServeConfig)
+    p.add_argument("--max-body-mb", type=float, default=None, help=f"largest request body in MiB (default {ServeConfig.max_body_bytes >> 20})")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(handler=run_serve)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from imgrec.inference.predict import load
+
+    classifier = load(args.run, device=args.device, precision=args.precision, backend=args.backend)
+    print(f"backend: {classifier.backend} ({classifier.backend_reason})", file=sys.stderr)
+    predictions = classifier.predict(args.paths, topk=args.topk, batch_size=args.batch_size)
+    if args.format == "json":
+        print(json.dumps([p.to_dict() for p in predictions], indent=2))
+    elif args.format == "csv":
+        print_csv(predictions)
+    else:
+        print_table(predictions, args.topk)
+    failed = sum(p.error is not None for p in predictions)
+    if failed:
+        print(f"{failed} of {len(predictions)} input(s) could not be predicted", file=sys.stderr)
+    return 0 if failed < len(predictions) else 1
+
+
+def print_csv(predictions: list) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["source", "rank", "class", "prob", "error"])
+    for p in predictions:
+        if p.error is not None:
+            writer.writerow([p.source, "", "", "", p.error])
+        for rank, (label, prob) in enumerate(zip(p.labels, p.probs), start=1):
+            writer.writerow([p.source, rank, label, f"{prob:.6f}", ""])
+
+
+def print_table(predictions: list, topk: int) -> None:
+    table = Table()
+    table.add_column("image", overflow="fold")
+    table.add_column("class")
+    table.add_column("prob", justify="right")
+    table.add_column(f"top-{topk}", overflow="fold")
+    for p in predictions:
+        if p.error is not None:
+            table.add_row(p.source, "[red]error[/red]", "", p.error)
+        else:
+            shown = [f"{c} ({n})" for c, n in zip(p.labels, p.names)] if p.names else p.labels
+            others = ", ".join(f"{c} {q:.2f}" for c, q in zip(shown[1:], p.probs[1:]))
+            table.add_row(p.source, shown[0], f"{p.prob:.3f}", others)
+    console.print(table)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from imgrec.inference.export import export
+
+    report = export(
+        args.run, args.format, out=args.out, int8=args.int8, images=args.images, max_images=args.max_images,
+        calibration_images=args.calibration, tolerance=args.tolerance, min_agreement=args.min_agreement,
+    )  # fmt: skip
+    kind = f"{report.format}{' int8' if report.int8 else ''}"
+    console.print(
+        f"exported {kind}: {report.path} (+ {report.path.name}.json); against the eager model on {report.images} images: "
+        f"max |logit difference| {report.max_abs_diff:.3g}, top-1 agreement {report.top1_agreement:.2f}%",
+        highlight=False,
+    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from imgrec.inference.benchmark import benchmark, best_backend
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip()) if args.backends else None
+    results = benchmark(
+        args.run, backends=backends, batch=args.batch, iterations=args.iterations, seconds=args.seconds, images=args.images, threads=args.threads
+    )
+    table = Table(title=f"{args.run}: batch 1 latency, batch {args.batch} throughput")
+    for column in ("backend", "p50 ms", "p99 ms", "img/s", "vs eager", "top-1 agreement", "note"):
+        table.add_column(column, justify="left" if column in ("backend", "note") else "right")
+    for r in results:
+        figures = [f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.images_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.top1_agreement:.2f}%"] if r.images_per_s else ["-"] * 5
+        table.add_row(r.backend, *figures, r.note)
+    console.print(table)
+    best = best_backend(results)
+    console.print(f"best with >= 99% agreement: {best.backend}, {best.images_per_s:.1f} img/s ({best.speedup:.2f}x eager fp32)", highlight=False)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([r.__dict__ for r in results], f, indent=2)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from imgrec.serve import serve
+
+    values = {name: value for name, value in vars(args).items() if name in ServeConfig.__dataclass_fields__ and value is not None}
+    values["name"] = args.name or Path(args.run).resolve().name
+    if args.max_body_mb is not None:
+        values["max_body_bytes"] = int(args.max_body_mb * 2**20)
+    serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend, config=ServeConfig(**values), access_log=args.access_log)
+    return 0
+
+
+__all__ = ["add_parsers"]

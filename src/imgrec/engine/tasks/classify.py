@@ -1,0 +1,241 @@
+"""Supervised classification: ``train(config)`` from a folder of images to a model directory.
+
+The task reads DATA/train and DATA/val (folders or shards), builds the timm model (from local
+pretrained weights if asked, frozen up to its head if asked), trains it with cross-entropy
+(label smoothing, mixup/cutmix, an EMA of the weights), validates every epoch, and saves the
+model directory (``model.safetensors`` + ``model.json``, its card) whenever val top-1 improves,
+from the model or its EMA, whichever is better. The loop is the trainer's (``imgrec.engine.trainer``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from imgrec import distributed
+from imgrec.card import ModelCard
+from imgrec.config import TrainConfig
+from imgrec.data.folder import read_class_names, take_fraction, write_class_index
+from imgrec.data.loader import create_loader
+from imgrec.data.splits import load_splits
+from imgrec.data.transforms import BatchNormalize, eval_transform, train_transform
+from imgrec.engine.evaluate import classification_metrics, collect_logits
+from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Task
+from imgrec.engine.trainer import run_task
+from imgrec.hardware import DTYPES, autocast
+from imgrec.models.directory import save_model_dir
+from imgrec.models.factory import create_model, resolve_weights
+from imgrec.recipe import resolve_data_config
+
+
+def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, console: Console | None = None, **overrides: Any):
+    """Train a classifier; returns the run directory (``config.out``).
+
+    ``train(data="DATA", model="resnet18", out="runs/r18", epochs=10)`` or ``train(TrainConfig(...))``;
+    ``train(resume="runs/r18")`` continues a run from its ``last.pt``.
+    """
+    return run_task(ClassifyTask, config, resume=resume, console=console, overrides=overrides)
+
+
+class ClassifyTask(Task):
+    """A timm classifier trained with cross-entropy on labelled folders (or shards)."""
+
+    name = "classify"
+    config_class = TrainConfig
+    no_data = "no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/"
+    batches_channels_last = True
+
+    def __init__(self, config: TrainConfig, run: RunContext):
+        self.config, self.run = config, run
+        self.load_data()
+        self.model = self.module = self.saved = self.build_model()
+        # Evaluation runs outside DDP: the ranks' shares of val/ may differ by a batch.
+        self.eval_forward = torch.compile(self.model) if config.compile else self.model
+        self.val_loader = create_loader(
+            self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=run.channels_last
+        )
+        self.ema = None
+        if config.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
+        self.ema_copies = int(self.ema is not None)
+        self.train_normalize = BatchNormalize.from_config(self.data_config, train=True, channels_last=run.channels_last).to(run.device)
+        self.eval_normalize = BatchNormalize.from_config(self.data_config, channels_last=run.channels_last).to(run.device)
+        self.mixup = None
+        if config.mixup or config.cutmix:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing, num_classes=len(self.classes))
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.best: dict[str, Any] = {"top1": -1.0}
+        self.improved = False
+
+    def load_data(self) -> None:
+        """The train and val splits, their classes (checked against a resumed run's) and class names."""
+        config, run = self.config, self.run
+        options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
+        self.splits = load_splits(config.data, val_root=config.val_data, seed=config.seed, skip_log=run.skip_log, **options)
+        self.class_names = read_class_names(config.data)
+        self.classes = self.splits.classes
+        if run.checkpoint is not None and run.checkpoint["classes"] != self.classes:
+            raise ValueError(
+                f"the classes in {config.data} ({len(self.classes)}) differ from those of the run in {run.out} "
+                f"({len(run.checkpoint['classes'])}): resume with the dataset the run was started on"
+            )
+        self.splits.val.replace_bad = False  # validation counts each readable image once
+        if config.train_fraction < 1:
+            take_fraction(self.splits.train, config.train_fraction, config.seed)
+        if config.mixup or config.cutmix:
+            if config.batch_size % 2 or (len(self.splits.train) < config.batch_size and len(self.splits.train) % 2):
+                raise ValueError(
+                    f"mixup/cutmix pair images within a batch: batch_size must be even, got {config.batch_size} "
+                    f"({len(self.splits.train)} training images)"
+                )
+        self.train_set = self.splits.train
+        if distributed.is_main():
+            write_class_index(run.out / "classes.json", self.classes)
+
+    def build_model(self) -> torch.nn.Module:
+        """The model (from the pretrained weights, unless a checkpoint will give them), its data
+        config (flags > the weights' card > the architecture's) and transforms, on the device."""
+        config, run = self.config, self.run
+        # The weights come from the checkpoint on resume: the pretrained file is not needed (nor read) again.
+        pretrained = config.pretrained if run.checkpoint is None else None
+        card = pretrained_card(pretrained, config.model)
+        model_options = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
+        model = create_model(config.model, num_classes=len(self.classes), pretrained=pretrained, **model_options)
+        self.data_config = resolve_data_config(model, card=card, **config.data_config)
+        self.splits.train.transform = train_transform(self.data_config, config.loader)
+        self.splits.val.transform = eval_transform(self.data_config, config.loader)
+        if config.freeze_backbone:
+            freeze_backbone(model)
+        return model.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        config = self.config
+        return OptimizerSettings(config.opt, config.base_lr, config.weight_decay, layer_decay=config.layer_decay, clip_grad=config.clip_grad)
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.config.freeze_backbone:
+            self.model.eval()  # frozen batch-norm statistics too: a true linear probe
+            self.model.get_classifier().train()
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
+        device = self.run.device
+        inputs, targets = batch
+        inputs = self.train_normalize(inputs.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, targets)
+        with autocast(device, self.run.precision):
+            logits = forward(inputs)
+        loss = soft_cross_entropy(logits.float(), targets) if self.mixup is not None else self.criterion(logits.float(), targets)
+        return loss, inputs.shape[0]
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """Loss, top-1 and top-5 of ``model`` (the trained one by default) on every val image, over all ranks."""
+        run = self.run
+        model = model if model is not None else self.eval_forward
+        logits, labels = collect_logits(model, self.val_loader, device=run.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[run.precision])
+        logits, labels = distributed.gather_rows(logits.to(run.device)).cpu(), distributed.gather_rows(labels.to(run.device)).cpu()  # each rank scored its share
+        return {**classification_metrics(logits, labels, self.classes), "count": len(labels)}
+
+    def validate(self, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
+        """The epoch's row; the model and, with an EMA, its average are scored, and the better one is
+        the run's best when it beats every earlier epoch's (``save`` then writes it)."""
+        metrics = self.evaluate()
+        row = {
+            "train_loss": stats["loss"], "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+            "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 2), "val_images": metrics["count"],
+        }  # fmt: skip
+        candidates = [("model", metrics["top1"], metrics["top5"])]
+        if self.ema is not None:
+            ema_metrics = self.evaluate(self.ema.module)
+            row["ema_top1"] = ema_metrics["top1"]
+            candidates.append(("ema", ema_metrics["top1"], ema_metrics["top5"]))
+        source, top1, top5 = max(candidates, key=lambda c: c[1])
+        self.improved = top1 > self.best["top1"]
+        if self.improved:
+            self.best = {"top1": top1, "top5": top5, "epoch": epoch, "weights": source}
+        return row
+
+    def save(self, row: dict[str, Any]) -> None:
+        if self.improved:
+            weights = self.ema.module if self.best["weights"] == "ema" else self.model
+            save_model_dir(self.run.out, weights.state_dict(), self.card())
+
+    def card(self) -> ModelCard:
+        config, best = self.config, self.best
+        names = {c: self.class_names.get(c, c) for c in self.classes} if self.class_names else {}
+        return ModelCard(
+            architecture=config.model, data_config=self.data_config, classes=list(self.classes), class_names=names,
+            metrics={"top1": best["top1"], "top5": best["top5"], "epoch": best["epoch"]}, weights=best["weights"], pretrained=config.pretrained,
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "best": self.best,
+            "classes": self.classes,
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        if self.ema is not None and checkpoint.get("ema") is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+        self.best = checkpoint["best"]
+
+    def start_line(self, batch: str, lr: float) -> str:
+        config, run = self.config, self.run
+        return (
+            f"training {config.model} on {len(self.splits.train)} images ({len(self.classes)} classes), "
+            f"validating on {len(self.splits.val)}; {run.device.type}, {run.precision}, "
+            f"batch {batch}, peak lr {lr:.3g}, {config.epochs} epochs"
+        )
+
+    def epoch_line(self, row: dict[str, Any]) -> str:
+        ema = f", EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else ""
+        return (
+            f"epoch {row['epoch']}/{self.config.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+            f"top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%{ema}, {row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s"
+        )
+
+    def end_line(self) -> str:
+        return f"best val top-1 {self.best['top1']:.2f}% (epoch {self.best.get('epoch')}); model directory: {self.run.out}"
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (mixup/cutmix blends with label smoothing folded in)."""
+    return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def pretrained_card(pretrained: str | None, model: str) -> ModelCard | None:
+    """The card stored with ``--pretrained`` weights (a run directory's), checked against ``--model``."""
+    if pretrained is None:
+        return None
+    card = resolve_weights(pretrained)[1]
+    if card is not None and card.architecture != model:
+        raise ValueError(f"{pretrained} holds {card.architecture} weights, not {model}: pass --model {card.architecture}")
+    return card
+
+
+def freeze_backbone(model: torch.nn.Module) -> None:
+    """Only the classifier trains (a linear probe): every other parameter stops requiring grad."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    if not head:
+        raise ValueError(f"{type(model).__name__} has no classifier parameters to train with --freeze-backbone")
+    for param in model.parameters():
+        param.requires_grad_(id(param) in head)
+
+
+__all__ = ["ClassifyTask", "freeze_backbone", "pretrained_card", "soft_cross_entropy", "train"]

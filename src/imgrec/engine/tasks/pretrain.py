@@ -1,0 +1,221 @@
+"""Self-supervised pretraining: ``pretrain(config)`` from unlabelled images to ``RUN/backbone.safetensors``.
+
+The trainer's loop (``imgrec.engine.trainer``) with a method (``imgrec.engine.tasks.METHODS``) in
+place of the classifier: each batch holds several augmented views of every image, the method
+turns them into a loss, and after each optimizer step it may move a momentum teacher. Every
+epoch ends with the online kNN monitor (when the data has a labelled val split), a line in
+metrics.jsonl, the backbone's weights and card, and the trainer's checkpoint, so ``--resume``
+continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from imgrec import distributed
+from imgrec.card import BACKBONE_CARD, BACKBONE_WEIGHTS, ModelCard
+from imgrec.config import PretrainConfig
+from imgrec.data.folder import DatasetError, SkipLog, iter_image_files, take_fraction
+from imgrec.data.labels import LabelledFiles
+from imgrec.data.loader import create_loader
+from imgrec.data.shards import ShardDataset, is_shard_source
+from imgrec.data.splits import SHARD_SHUFFLE_BUFFER, load_splits
+from imgrec.data.transforms import BatchNormalize, eval_transform
+from imgrec.data.views import MultiViewTransform, adjust_view
+from imgrec.engine.evaluate import classification_metrics, collect_logits
+from imgrec.engine.knn import knn_scores
+from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY
+from imgrec.engine.tasks import method_class
+from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Task
+from imgrec.engine.trainer import run_task
+from imgrec.hardware import DTYPES, autocast
+from imgrec.models.directory import save_model_dir
+from imgrec.models.factory import create_model
+from imgrec.recipe import resolve_data_config
+
+
+def pretrain(config: PretrainConfig | None = None, *, resume: str | os.PathLike | None = None, console: Console | None = None, **overrides: Any) -> Path:
+    """Pretrain a backbone without labels; returns the run directory holding ``backbone.safetensors``.
+
+    ``pretrain(data="DATA", model="resnet18", method="simclr", out="runs/ssl", epochs=100)``;
+    ``pretrain(resume="runs/ssl")`` continues a run from its ``last.pt``.
+    """
+    return run_task(PretrainTask, config, resume=resume, console=console, overrides=overrides)
+
+
+def pretraining_data(config: PretrainConfig, skip_log: SkipLog) -> tuple[Any, Any, Any, list[str], str]:
+    """(unlabelled train set, labelled bank, labelled queries, classes, note) for ``config.data``.
+
+    A root with train/ and val/ (folders or shards, same classes) pretrains on train/ and, while
+    ``knn_every`` is on, monitors the kNN accuracy of val/ against train/. Anything else is
+    pretrained on unmonitored, with ``note`` saying why: train/ without a labelled val/ (train/
+    alone), a shard source (folder of shards, pattern, URL), or a folder of images at any depth,
+    class folders or not. The bank holds at most ``knn_bank_size`` train images (class-balanced
+    for folders; the first ones read for shards) and uses the eval transform.
+    """
+    options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
+    # ``root`` stays a string: a shard URL's "//" would not survive a Path.
+    root, local, note = config.data, Path(config.data), ""
+    if config.val_data is not None or (local / "train").is_dir() and (local / "val").is_dir():
+        try:
+            splits = load_splits(root, val_root=config.val_data, seed=config.seed, skip_log=skip_log, **options)
+        except DatasetError as exc:
+            if config.val_data is not None:
+                raise
+            root, note = str(local / "train"), f"no kNN monitor: {exc}"
+        else:
+            if not config.knn_every:
+                return splits.train, None, None, splits.classes, "no kNN monitor (knn_every is 0)"
+            splits.val.replace_bad = False  # the monitor counts each readable image once
+            return splits.train, monitor_bank(splits.train, config.knn_bank_size, config.seed), splits.val, splits.classes, ""
+    elif (local / "train").is_dir():
+        root, note = str(local / "train"), f"no kNN monitor: {config.data} has train/ but no labelled val/"
+    if is_shard_source(root):
+        shard_options = {k: v for k, v in options.items() if k == "max_pixels"}
+        train = ShardDataset(root, shuffle=SHARD_SHUFFLE_BUFFER, seed=config.seed, skip_log=skip_log, **shard_options)
+        return train, None, None, [], note or "no kNN monitor: shards without a val split"
+    if not Path(root).is_dir():
+        raise ValueError(f"--data {root} is not a folder: pass a folder of images, or a root holding train/ and val/")
+    files = iter_image_files(root)
+    if not files:
+        raise ValueError(f"no images below {root} (.jpg, .jpeg, .png, .webp, ... at any depth)")
+    train = LabelledFiles([(str(f), 0) for f in files], ["unlabelled"], root=root, skip_log=skip_log, replace_bad=True, **options)
+    train.seed = config.seed
+    return train, None, None, [], note or "no kNN monitor: no labelled val split"
+
+
+def monitor_bank(train: Any, size: int | None, seed: int) -> Any:
+    """The kNN monitor's labelled bank: a copy of the train set, unreadable images left out, cut to
+    ``size`` images, class-balanced (a folder; shards are cut as they are read, see ``knn_monitor``)."""
+    bank = copy.copy(train)
+    bank.replace_bad = False
+    if hasattr(bank, "samples") and size and len(bank) > size:
+        take_fraction(bank, size / len(bank), seed)
+        if len(bank) > size:  # one image per class at least: more classes than the bank holds
+            bank.samples = sorted(random.Random(seed).sample(bank.samples, size))
+    return bank
+
+
+class PretrainTask(Task):
+    """A backbone pretrained without labels by one of ``METHODS``; its weights saved every epoch."""
+
+    name = "pretrain"
+    config_class = PretrainConfig
+    no_data = "no images to pretrain on: pass --data DIR, a folder of images (labels, if any, are ignored)"
+
+    @classmethod
+    def check(cls, config: PretrainConfig) -> None:
+        method_class(config.method)  # an unknown method is refused before anything is written
+
+    def __init__(self, config: PretrainConfig, run: RunContext):
+        self.config, self.run = config, run
+        self.train_set, self.bank_set, self.query_set, self.classes, self.monitor_note = pretraining_data(config, run.skip_log)
+        backbone = create_model(config.model, num_classes=0)
+        self.data_config = dc = resolve_data_config(backbone, **config.data_config)
+        self.method_class = cls = method_class(config.method)
+        self.method = cls.build(
+            backbone, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim,
+            temperature=config.temperature, teacher_momentum=config.teacher_momentum,
+        )  # fmt: skip
+        self.num_views = len(cls.views)
+        views = [adjust_view(spec, jitter_strength=config.jitter_strength, blur=config.blur) for spec in cls.views]
+        self.train_set.transform = MultiViewTransform(dc, views, config.loader)
+        self.module = self.method.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
+        self.saved = self.method.backbone
+        self.monitor_loaders = None
+        if self.bank_set is not None:
+            for dataset in (self.bank_set, self.query_set):
+                dataset.transform = eval_transform(dc, config.loader)
+            self.monitor_loaders = [
+                create_loader(d, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=run.channels_last)
+                for d in (self.bank_set, self.query_set)
+            ]
+        self.normalize = BatchNormalize.from_config(dc, channels_last=run.channels_last).to(run.device)
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        """The method's paper recipe (LARS and its rate and decay) unless the config says otherwise."""
+        config, cls = self.config, self.method_class
+        opt = config.opt or cls.optimizer
+        paper = opt == cls.optimizer  # the method's own learning rate and decay go with its own optimizer
+        base_lr = config.base_lr if config.base_lr is not None else (cls.base_lr if paper else BASE_LR[opt])
+        weight_decay = config.weight_decay if config.weight_decay is not None else (cls.weight_decay if paper else WEIGHT_DECAY[opt])
+        return OptimizerSettings(opt, base_lr, weight_decay, lars_trust=config.lars_trust)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
+        views = batch[0].to(self.run.device, non_blocking=True)  # uint8 [B, V, 3, H, W]; labels unused
+        inputs = self.normalize(views.transpose(0, 1).flatten(0, 1))  # view-major [V * B, 3, H, W]
+        with autocast(self.run.device, self.run.precision):
+            return forward(inputs, self.num_views), views.shape[0]
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.method.after_step(step / total_steps)
+
+    def validate(self, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
+        """The epoch's loss, and the kNN monitor's accuracy on the epochs it runs."""
+        config = self.config
+        row = {"loss": stats["loss"], "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 2)}
+        if self.monitor_loaders and config.knn_every and (epoch % config.knn_every == 0 or epoch == config.epochs):
+            row.update(self.knn_monitor())
+        return row
+
+    def knn_monitor(self) -> dict[str, float]:
+        """kNN top-1/top-5 (k, temperature from the config) of val against the train bank, in percent."""
+        device, dtype = self.run.device, DTYPES[self.run.precision]
+        bank_loader, query_loader = self.monitor_loaders
+        if not hasattr(self.bank_set, "samples") and self.config.knn_bank_size:  # shards: the first images read
+            bank_loader = itertools.islice(bank_loader, math.ceil(self.config.knn_bank_size / bank_loader.batch_size))
+        backbone, normalize = self.method.backbone, self.normalize
+        # Each rank embeds its share of the bank and the queries; every rank then holds them all.
+        bank, bank_labels, queries, labels = (
+            distributed.gather_rows(t.to(device))
+            for t in (*collect_logits(backbone, bank_loader, device=device, normalize=normalize, autocast_dtype=dtype),
+                      *collect_logits(backbone, query_loader, device=device, normalize=normalize, autocast_dtype=dtype))
+        )  # fmt: skip
+        scores = knn_scores(bank.to(device), bank_labels, queries, len(self.classes), k=self.config.knn_k, temperature=self.config.knn_temperature)
+        metrics = classification_metrics(scores.cpu(), labels.cpu(), self.classes)
+        return {"knn_top1": metrics["top1"], "knn_top5": metrics["top5"]}
+
+    def save(self, row: dict[str, Any]) -> None:
+        """The backbone's weights and card (backbone.safetensors, backbone.json), every epoch."""
+        card = ModelCard(
+            architecture=self.config.model, data_config=self.data_config, method=self.config.method, epochs=self.config.epochs,
+            feature_dim=self.method.feature_dim, metrics={"epoch": row["epoch"], **{k: row[k] for k in ("loss", "knn_top1", "knn_top5") if k in row}},
+        )  # fmt: skip
+        save_model_dir(self.run.out, self.method.backbone_state(), card, weights_name=BACKBONE_WEIGHTS, card_name=BACKBONE_CARD)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.method.state_dict()}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.method.load_state_dict(checkpoint["model"])
+
+    def start_line(self, batch: str, lr: float) -> str:
+        config, run = self.config, self.run
+        monitor = f"kNN monitor on {len(self.query_set)} labelled val images" if self.monitor_loaders else self.monitor_note
+        opt = config.opt or self.method_class.optimizer
+        return (
+            f"pretraining {config.model} with {config.method} on {len(self.train_set)} images; {monitor}; {run.device.type}, "
+            f"{run.precision}, {opt} batch {batch}, peak lr {lr:.3g}, {config.epochs} epochs"
+        )
+
+    def epoch_line(self, row: dict[str, Any]) -> str:
+        knn = f", kNN top-1 {row['knn_top1']:.2f}%" if "knn_top1" in row else ""
+        return (
+            f"epoch {row['epoch']}/{self.config.epochs}: loss {row['loss']:.4f}{knn}, lr {row['lr']:.3g}, "
+            f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s"
+        )
+
+    def end_line(self) -> str:
+        return f"backbone weights: {self.run.out / BACKBONE_WEIGHTS}"
+
+
+__all__ = ["PretrainTask", "monitor_bank", "pretrain", "pretraining_data"]
