@@ -108,3 +108,59 @@ def test_models_lists_architectures_with_params() -> None:
 @pytest.mark.parametrize("args", [["--help"], ["synth", "--help"], ["verify", "--help"]])
 def test_help_works(args: list[str]) -> None:
     assert imgrec(*args).returncode == 0
+
+
+def subcommand(name: str):
+    """The argparse parser of ``imgrec NAME``."""
+    import argparse
+
+    from imgrec.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def options(parser) -> dict[str, object]:
+    return {flag: action for action in parser._actions for flag in action.option_strings}
+
+
+@pytest.mark.parametrize("command, classes", [("train", ("TrainConfig", "DataConfig")), ("pretrain", ("PretrainConfig", "DataConfig"))])
+def test_every_config_field_is_a_flag_of_its_command(command: str, classes: tuple[str, ...]) -> None:
+    import dataclasses
+
+    import imgrec.config as config
+
+    flags = options(subcommand(command))
+    for name in classes:
+        for f in dataclasses.fields(getattr(config, name)):
+            flag = "--" + f.name.replace("_", "-")
+            assert (flag in flags) == f.metadata.get("flag", True), f"{command} {flag}"
+            if flag in flags:
+                assert flags[flag].default is None, f"{flag} must default to None, so that the YAML or the dataclass default applies"
+                assert flags[flag].help, f"{flag} has no help"
+
+
+def test_choice_lists_come_from_the_registries() -> None:
+    from imgrec.config import LOADERS, PRECISIONS
+    from imgrec.engine.tasks import METHODS
+    from imgrec.inference.backends import BACKENDS
+
+    assert list(options(subcommand("pretrain"))["--method"].choices) == list(METHODS)
+    for command in ("predict", "serve"):
+        assert list(options(subcommand(command))["--backend"].choices) == ["auto", *BACKENDS]
+    assert list(options(subcommand("train"))["--precision"].choices) == list(PRECISIONS)
+    assert list(options(subcommand("evaluate"))["--loader"].choices) == list(LOADERS)
+    assert "--channels-last" in options(subcommand("train")) and "--no-channels-last" in options(subcommand("train"))
+    assert options(subcommand("train"))["--scale"].nargs == 2 and options(subcommand("probe"))["--mean"].nargs == 3
+
+
+def test_serve_flags_build_its_config(monkeypatch, tmp_path: Path) -> None:
+    import imgrec.serve
+    from imgrec.cli import main
+
+    seen = {}
+    monkeypatch.setattr(imgrec.serve, "serve", lambda run, **kwargs: seen.update(kwargs, run=run))
+    assert main(["serve", str(tmp_path / "my-run"), "--max-batch", "4", "--max-body-mb", "2", "--max-wait-ms", "1.5"]) == 0
+    config = seen["config"]
+    assert (config.name, config.max_batch, config.max_body_bytes, config.max_wait_ms) == ("my-run", 4, 2 << 20, 1.5)
+    assert config.max_queue == 256 and seen["backend"] == "auto"  # defaults where no flag was given
