@@ -34,6 +34,7 @@ bench: demo  # eval_parity.py measures the demo model
 	$(PY) benchmarks/ssl_transfer.py
 	$(PY) benchmarks/ddp_scaling.py --gpu
 	$(PY) benchmarks/serve_load.py --run $(DEMO)
+	$(PY) benchmarks/cli_startup.py
 
 constraints: venv
 	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -e "^imgrec" -e "^ruff=="; } > constraints.new && mv constraints.new constraints.txt
