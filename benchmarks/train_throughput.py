@@ -76,7 +76,7 @@ def plain_setup(root: Path, name: str, size: int, batch: int, workers: int, clas
 
 def imgrec_setup(root: Path, out: Path, name: str, size: int, batch: int, workers: int) -> Trainer:
     config = TrainConfig(
-        data=str(root), model=name, out=str(out), epochs=1, batch_size=batch, workers=workers, tensorboard=False,
+        data=str(root), model=name, out=str(out), epochs=2, batch_size=batch, workers=workers, tensorboard=False,
         data_config={"img_size": size},
     )  # fmt: skip
     return Trainer(ClassifyTask, config, Console(file=io.StringIO()))

@@ -95,6 +95,8 @@ def test_inspect_with_model_config_and_bad_root(tmp_path: Path) -> None:
 
     missing = imgrec("inspect", str(tmp_path / "missing"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    beyond = imgrec("inspect", str(data), "--index", "999", "--samples", "0")
+    assert beyond.returncode == 2 and "--index 999 is out of range" in beyond.stderr and "Traceback" not in beyond.stderr
 
 
 def test_models_lists_architectures_with_params() -> None:

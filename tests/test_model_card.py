@@ -79,6 +79,19 @@ def test_fine_tuning_reads_the_preprocessing_of_a_first_layout_backbone(tmp_path
     assert resolve_data_config(model, card=card, img_size=48).img_size == 48  # and a flag wins over both
 
 
+def test_a_card_that_states_part_of_the_preprocessing(tmp_path: Path) -> None:
+    """Fine-tuning takes from a card only what it states; inference refuses a card that does not say how to feed the model."""
+    partial = ModelCard.from_dict({"architecture": "test_resnet", "img_size": 48})
+    model = create_model("test_resnet", num_classes=0)
+    config = resolve_data_config(model, card=partial)
+    assert (config.img_size, config.crop_pct, config.mean) == (48, 0.95, (0.5, 0.5, 0.5))  # the rest is the architecture's
+    run = tmp_path / "hand-written"
+    run.mkdir()
+    (run / "model.json").write_text(json.dumps({"architecture": "test_resnet", "classes": ["a", "b"], "img_size": 48}))
+    with pytest.raises(ValueError, match="does not state crop_pct, interpolation, mean, std"):
+        imgrec.load(run)
+
+
 def test_a_card_round_trips_through_its_json(tmp_path: Path) -> None:
     card = ModelCard(
         architecture="resnet18", data_config=DataConfig(img_size=96, crop_pct=0.9, interpolation="bicubic"), classes=["a", "b"],

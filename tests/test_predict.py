@@ -115,6 +115,28 @@ def test_load_reads_classes_and_preprocessing(trained, clf) -> None:
         info["img_size"], info["crop_pct"], info["interpolation"],
     )  # fmt: skip
     assert list(clf.data_config.mean) == info["mean"] and list(clf.data_config.std) == info["std"]
+    assert clf.info == {**info, "format_version": clf.card.format_version}  # model.json as the Classifier read it
+
+
+def test_a_classifier_built_from_model_json_as_a_dict_predicts_like_load(trained, clf, tmp_path: Path) -> None:
+    from imgrec.inference.predict import Classifier
+    from imgrec.models.directory import load_model_dir
+
+    model, _ = load_model_dir(trained[1])
+    info = json.loads((trained[1] / "model.json").read_text())
+    by_hand = Classifier(model, info, device="cpu", precision="fp32", backend="eager")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    [a], [b] = by_hand.predict([tmp_path / "red.png"]), clf.predict([tmp_path / "red.png"])
+    assert a.labels == b.labels and a.probs == pytest.approx(b.probs, abs=1e-5)
+
+
+def test_a_backend_on_a_device_it_does_not_run_on_is_refused() -> None:
+    from imgrec.inference.backends import get_backend
+
+    with pytest.raises(ValueError, match="backend fp16 runs on cuda only, not cpu"):
+        get_backend("fp16").load(torch.nn.Linear(2, 2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend onnx runs on cpu only, not meta"):
+        get_backend("onnx").load(None, torch.device("meta"), path="model.onnx")
 
 
 def test_predict_paths_images_and_tensors(trained, clf) -> None:

@@ -47,6 +47,9 @@ class ModelCard:
     feature_dim: int | None = None  # a backbone's pooled feature size
     epochs: int | None = None  # a backbone's planned pretraining epochs
     format_version: int = CARD_VERSION
+    # The preprocessing fields the card states (a card read from a partial file may not state all);
+    # fine-tuning takes only these from it, and inference needs all of them.
+    stated: tuple[str, ...] = field(default=PREPROCESSING, compare=False, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -76,11 +79,20 @@ class ModelCard:
         version = int(values.get("format_version", 1))
         if version > CARD_VERSION:
             raise ValueError(f"{source} has card format {version}, newer than this imgrec reads ({CARD_VERSION}): upgrade imgrec")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"data_config", "metrics", "format_version"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"data_config", "metrics", "format_version", "stated"}
         known = {name: values[name] for name in fields if name in values}
         data = {name: values[name] for name in PREPROCESSING if name in values}
         metrics = {k: v for k, v in values.items() if k not in fields | set(PREPROCESSING) | set(DERIVED) | {"format_version"}}
-        return cls(data_config=DataConfig(**data), metrics=metrics, **known)
+        try:
+            return cls(data_config=DataConfig(**data), metrics=metrics, stated=tuple(data), **known)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source} is not a valid model card: {exc}") from None
+
+    def check_preprocessing(self) -> None:
+        """Refuse a card that does not say how an image becomes the model's input."""
+        missing = [name for name in PREPROCESSING if name not in self.stated]
+        if missing:
+            raise ValueError(f"the model card of {self.architecture} does not state {', '.join(missing)}: add them to its model.json")
 
     def write(self, folder: str | os.PathLike, name: str = MODEL_CARD) -> Path:
         return write_json(Path(folder) / name, self.to_dict())

@@ -47,10 +47,10 @@ class DataConfig:
     """
 
     img_size: int = option(224, "input size in pixels (default: the weights' or the architecture's)")
-    crop_pct: float = option(0.875, "eval: resize the shorter side to img_size / crop_pct, then centre-crop")
-    interpolation: str = option("bicubic", "resize interpolation", choices=INTERPOLATIONS)
-    mean: tuple[float, float, float] = option(IMAGENET_MEAN, "normalisation mean per channel", metavar=("R", "G", "B"))
-    std: tuple[float, float, float] = option(IMAGENET_STD, "normalisation std per channel", metavar=("R", "G", "B"))
+    crop_pct: float = option(0.875, "eval: resize the shorter side to img_size / crop_pct, then centre-crop (default: the weights' or the architecture's)")
+    interpolation: str = option("bicubic", "resize interpolation (default: the weights' or the architecture's)", choices=INTERPOLATIONS)
+    mean: tuple[float, float, float] = option(IMAGENET_MEAN, "normalisation mean per channel (default: the weights' or the architecture's)", metavar=("R", "G", "B"))
+    std: tuple[float, float, float] = option(IMAGENET_STD, "normalisation std per channel (default: the weights' or the architecture's)", metavar=("R", "G", "B"))
     scale: tuple[float, float] = option((0.08, 1.0), "RandomResizedCrop area range", metavar=("MIN", "MAX"))
     ratio: tuple[float, float] = option((3 / 4, 4 / 3), "RandomResizedCrop aspect range", metavar=("MIN", "MAX"))
     hflip: float = option(0.5, "horizontal flip probability")
@@ -191,6 +191,8 @@ class PretrainConfig(LoopConfig):
     epochs: int = option(100, "passes over the images")
     batch_size: int = option(256, "images per step")
     opt: str | None = option(None, "default: the method's (LARS)", choices=OPTIMIZERS)
+    base_lr: float | None = option(None, "learning rate per 256 images (default: the method's with its LARS, SimCLR 0.3, MoCo v3 0.6, BYOL 0.2; else adamw 1e-3, sgd 0.1)")
+    weight_decay: float | None = option(None, "never on biases and norms (default: the method's with LARS, 1e-6 or 1.5e-6; else adamw 0.05, sgd 1e-4)")
     warmup_epochs: float = option(10.0, "linear warmup before the cosine decay")
     temperature: float | None = option(None, "contrastive softmax temperature (SimCLR 0.1, MoCo v3 1.0)")
     proj_hidden_dim: int | None = option(None, "hidden width of the projector/predictor (SimCLR 2048, BYOL 4096)")

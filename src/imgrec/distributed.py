@@ -88,11 +88,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """``tensor`` summed (``op="sum"``) or maximised (``"max"``) over the ranks, in place."""
     if is_distributed():
@@ -156,7 +151,6 @@ def process_group(device: str) -> Iterator[torch.device]:
 
 __all__ = [
     "all_reduce",
-    "barrier",
     "gather_objects",
     "gather_rows",
     "is_distributed",

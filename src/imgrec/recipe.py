@@ -69,7 +69,7 @@ def resolve_data_config(
     if model is not None:
         config = dataclasses.replace(config, **architecture_preprocessing(model))
     if card is not None:
-        config = dataclasses.replace(config, **{name: getattr(card.data_config, name) for name in PREPROCESSING})
+        config = dataclasses.replace(config, **{name: getattr(card.data_config, name) for name in PREPROCESSING if name in card.stated})
     return dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -84,7 +84,7 @@ def inspect_pipeline(
     """Show sample ``index`` after each train and eval step; write ``samples`` augmented images to ``out``."""
     dataset = dataset_for_inspection(root)
     if not 0 <= index < len(dataset):
-        raise IndexError(f"--index {index} is out of range: {dataset.root} holds {len(dataset)} images")
+        raise ValueError(f"--index {index} is out of range: {dataset.root} holds {len(dataset)} images")
     torch.manual_seed(seed)
     path, label = dataset.samples[index]
     image = load_rgb(path, config.max_pixels)

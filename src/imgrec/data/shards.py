@@ -135,8 +135,8 @@ def _join(prefix: str, name: str) -> str:
 
 
 def distributed_rank_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised (one place
-    for the data layer, which the tests can stand in for)."""
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised: how this
+    module splits its shards (the tests stand in for it to simulate several ranks)."""
     return distributed.rank(), distributed.world_size()
 
 

@@ -2,8 +2,10 @@
 
 Images stay uint8 all the way through the workers and the collate (a quarter of float32's bytes
 through shared memory and over PCIe); ``BatchNormalize`` turns a whole batch into normalised
-floats once it is on the device. The model's own data config (timm's ``pretrained_cfg``) gives
-the input size, crop_pct, interpolation, mean and std, so nobody retypes them.
+floats once it is on the device. The input size, crop_pct, interpolation, mean and std come from
+the run's data config (``imgrec.recipe.resolve_data_config``: the weights' card or the timm
+architecture's own), so nobody retypes them. ``train_transform`` and ``eval_transform`` pick the
+fast decode-and-crop pipelines (``imgrec.data.decode_crop``) or these PIL presets.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class Trainer:
         )  # fmt: skip
         self.writer = None
         if distributed.is_main():
-            check_free_space(self.out, task.module, self.settings.opt, saved=task.saved, ema=task.ema_copies > 0)
+            check_free_space(self.out, task.module, self.settings.opt, saved=task.saved, ema=task.ema_in_checkpoint)
             self.writer = open_tensorboard(self.out) if config.tensorboard else None
             save_yaml(self.config, self.out / CONFIG_NAME)
 

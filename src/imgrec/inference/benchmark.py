@@ -66,7 +66,7 @@ def benchmark_backend(
 
 def cpu_backends() -> tuple[str, ...]:
     """The backends that run on the CPU, which the benchmark measures by default."""
-    return tuple(name for name in BACKENDS if "cpu" in backend_class(name).devices)
+    return tuple(name for name in BACKENDS if "cpu" in (backend_class(name).devices or ("cpu",)))
 
 
 def latencies(run_fn: Callable[[torch.Tensor], np.ndarray], one: torch.Tensor, iterations: int) -> list[float]:

@@ -158,7 +158,7 @@ def preprocess(card: ModelCard, files: list[Path]) -> torch.Tensor:
     for path in files:
         try:
             tensors.append(load_sample(path, transform))
-        except BadImageError:
+        except (BadImageError, ValueError, TypeError):
             continue
     if not tensors:
         raise ValueError(f"none of the {len(files)} images could be read: pass --images DIR with readable images")

@@ -61,16 +61,20 @@ class Prediction:
 class Classifier:
     """A trained model with its card (classes, preprocessing), ready to predict.
 
-    ``loader`` picks the eval pipeline: ``fast`` (decode-and-crop, the default) or ``standard``
-    (decode everything, resize, centre crop, as torchvision's reference scripts do). ``backend``
-    runs the network (``imgrec.inference.backends``): None is PyTorch, channels_last, at
-    ``precision``; a file-based one (``onnx``, ``onnx-int8``) needs its file at ``path``.
+    ``card`` is a ``ModelCard`` or its JSON form (model.json as a dict). ``loader`` picks the eval
+    pipeline: ``fast`` (decode-and-crop, the default) or ``standard`` (decode everything, resize,
+    centre crop, as torchvision's reference scripts do). ``backend`` runs the network
+    (``imgrec.inference.backends``): None is PyTorch, channels_last, at ``precision``; a
+    file-based one (``onnx``, ``onnx-int8``) needs its file at ``path`` (or ``onnx_path``).
     """
 
     def __init__(
-        self, model: torch.nn.Module, card: ModelCard, *, device: str = "auto", precision: str = "auto", loader: str = "fast",
-        backend: str | None = None, path: str | os.PathLike | None = None,
+        self, model: torch.nn.Module, card: ModelCard | dict[str, Any], *, device: str = "auto", precision: str = "auto", loader: str = "fast",
+        backend: str | None = None, path: str | os.PathLike | None = None, onnx_path: str | os.PathLike | None = None,
     ):  # fmt: skip
+        card = card if isinstance(card, ModelCard) else ModelCard.from_dict(card)
+        card.check_preprocessing()
+        path = path if path is not None else onnx_path
         self.card = card
         self.classes: list[str] = list(card.classes)
         self.class_names: dict[str, str] = dict(card.class_names)
@@ -90,6 +94,11 @@ class Classifier:
 
     def __repr__(self) -> str:
         return f"Classifier({self.card.architecture}, {len(self.classes)} classes, {self.device}, {self.backend})"
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The card's JSON form: what model.json holds."""
+        return self.card.to_dict()
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ def load_model_dir(run: str | os.PathLike) -> tuple[torch.nn.Module, ModelCard]:
 
     run = Path(run)
     card = ModelCard.read(run)
+    card.check_preprocessing()
     model = create_model(card.architecture, num_classes=card.num_classes)
     weights = run / MODEL_WEIGHTS
     if not weights.is_file():

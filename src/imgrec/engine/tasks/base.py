@@ -52,7 +52,6 @@ class OptimizerSettings:
 class Task:
     """What a run trains. Subclasses set the attributes below in ``__init__`` and implement the methods."""
 
-    name: ClassVar[str]
     config_class: ClassVar[type[LoopConfig]]
     no_data: ClassVar[str]  # the error when the config names no data
 
@@ -62,7 +61,7 @@ class Task:
     train_set: Any  # the dataset the trainer's loader reads
     data_config: DataConfig  # resolved; config.yaml records it
     batches_channels_last: bool = False  # stack training batches in NHWC memory in the loader's workers
-    ema_copies: int = 0  # extra copies of the module's weights the checkpoint holds (an EMA)
+    ema_in_checkpoint: bool = False  # the checkpoint holds a second copy of the module's weights (an EMA)
 
     @classmethod
     def check(cls, config: LoopConfig) -> None:

@@ -43,7 +43,6 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
 class ClassifyTask(Task):
     """A timm classifier trained with cross-entropy on labelled folders (or shards)."""
 
-    name = "classify"
     config_class = TrainConfig
     no_data = "no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/"
     batches_channels_last = True
@@ -62,7 +61,7 @@ class ClassifyTask(Task):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
-        self.ema_copies = int(self.ema is not None)
+        self.ema_in_checkpoint = self.ema is not None
         self.train_normalize = BatchNormalize.from_config(self.data_config, train=True, channels_last=run.channels_last).to(run.device)
         self.eval_normalize = BatchNormalize.from_config(self.data_config, channels_last=run.channels_last).to(run.device)
         self.mixup = None

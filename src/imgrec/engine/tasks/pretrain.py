@@ -108,7 +108,6 @@ def monitor_bank(train: Any, size: int | None, seed: int) -> Any:
 class PretrainTask(Task):
     """A backbone pretrained without labels by one of ``METHODS``; its weights saved every epoch."""
 
-    name = "pretrain"
     config_class = PretrainConfig
     no_data = "no images to pretrain on: pass --data DIR, a folder of images (labels, if any, are ignored)"
 
@@ -162,7 +161,7 @@ class PretrainTask(Task):
     def validate(self, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
         """The epoch's loss, and the kNN monitor's accuracy on the epochs it runs."""
         config = self.config
-        row = {"loss": stats["loss"], "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 2)}
+        row = {"loss": stats["loss"], "lr": stats["lr"], "images_per_s": stats["images_per_s"]}
         if self.monitor_loaders and config.knn_every and (epoch % config.knn_every == 0 or epoch == config.epochs):
             row.update(self.knn_monitor())
         return row

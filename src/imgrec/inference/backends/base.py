@@ -19,7 +19,7 @@ class Backend:
 
     name: ClassVar[str]
     file: ClassVar[str | None] = None  # the file in the model directory it runs from (ONNX), None for the PyTorch model itself
-    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # device types it runs on
+    devices: ClassVar[tuple[str, ...] | None] = None  # the device types it runs on; None: wherever PyTorch does
     precision: ClassVar[str | None] = None  # the precision it fixes, if any (the PyTorch backends)
 
     def load(self, model: torch.nn.Module, device: torch.device, *, precision: str = "auto", path: str | os.PathLike | None = None,
@@ -35,8 +35,9 @@ class Backend:
         raise ValueError(f"backend {self.name} runs the PyTorch model itself: there is no file to export")
 
     def check_device(self, device: torch.device) -> None:
-        if device.type not in self.devices:
-            raise ValueError(f"backend {self.name} runs on {' or '.join(self.devices)}, not {device}: use --device cpu, or a PyTorch backend on {device}")
+        if self.devices is not None and device.type not in self.devices:
+            where = " or ".join(self.devices)
+            raise ValueError(f"backend {self.name} runs on {where} only, not {device}: use --device {self.devices[0]}, or another --backend on {device}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

@@ -37,6 +37,7 @@ class PyTorchBackend(Backend):
 
     def load(self, model: torch.nn.Module, device: torch.device, *, precision: str = "auto", path: str | os.PathLike | None = None,
              threads: int | None = None) -> Forward:  # fmt: skip
+        self.check_device(device)
         return torch_forward(model, device, resolve_precision(self.precision, device), channels_last=self.channels_last)
 
 
