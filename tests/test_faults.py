@@ -96,6 +96,19 @@ def test_a_run_killed_at_a_step_resumes_bitwise_equal(data, reference, tmp_path,
     assert_bitwise_equal(out, reference)
 
 
+def test_a_run_on_the_file_pipeline_killed_mid_epoch_resumes_bitwise_equal(data, tmp_path_factory, tmp_path):
+    """The same guarantee where the images are read from their files each epoch (--no-cache: the
+    path of datasets too large to cache), with two loader workers."""
+    reference = tmp_path_factory.mktemp("files-reference") / "run"
+    single(data, reference, "--no-cache", workers=2)
+    out = tmp_path / "run"
+    killed = single(data, out, "--no-cache", inject=("--kill-at-step", "9"), workers=2, check=False)
+    assert killed.returncode == -9 and 7 <= global_step(load_checkpoint(out / "last.pt")) <= 9
+    single(data, out, "--no-cache", "--resume", "auto", workers=2)
+    assert_bitwise_equal(out, reference)
+    assert load_checkpoint(out / "last.pt")["config"]["cache"] is False
+
+
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_readable(data, reference, tmp_path):
     out = tmp_path / "run"
     killed = single(data, out, inject=("--kill-in-save", "3"), check=False)  # saves: step 2, step 4, end of epoch 1
@@ -146,9 +159,10 @@ def test_pretraining_killed_mid_epoch_resumes_bitwise_equal(data, tmp_path):
 # --- DDP with torchrun -------------------------------------------------------------------------
 
 
-def test_two_ranks_match_one_process_with_twice_the_batch(data, tmp_path):
+@pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
+def test_two_ranks_match_one_process_with_twice_the_batch(data, tmp_path, cache):
     one, two, hashes = tmp_path / "one", tmp_path / "two", tmp_path / "hashes.txt"
-    common = [*TRAIN, "--data", str(data), "--workers", "0"]
+    common = [*TRAIN, "--data", str(data), "--workers", "0", cache]
     run([sys.executable, "-m", "imgrec", *common, "--batch-size", "8", "--out", str(one)])
     done = run([*TORCHRUN, "--nproc_per_node", "2", *INJECT[1:], "--check-ranks", str(hashes), "--", *common, "--batch-size", "4", "--out", str(two)])
     assert "batch 4x1 per rank on 2 ranks" in done.stdout

@@ -35,6 +35,7 @@ from imgrec.engine.tasks.moco import MoCoV3, info_nce
 from imgrec.engine.tasks.pretrain import pretrain
 from imgrec.engine.tasks.simclr import SimCLR, nt_xent
 from imgrec.engine.tasks.ssl import cosine_momentum
+from imgrec.recipe import RULES
 from runs import quiet, read_metrics
 
 N_TRAIN, N_VAL = 24, 12
@@ -436,9 +437,10 @@ def test_cli_pretrain_writes_a_loadable_backbone(cli_runs, method):
 
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     assert config["method"] == method and config["model"] == "resnet10t" and config["epochs"] == 2
-    assert config["opt"] == "lars" and config["proj_hidden_dim"] == 64
-    assert config["data_config"]["img_size"] == 32
-    assert config["lr"] == pytest.approx(method_class(method).base_lr * 8 / 256)
+    assert config["proj_hidden_dim"] == 64 and config["data_config"]["img_size"] == 32
+    # A global batch of 8: the recipe takes AdamW at its self-supervised rate, not the paper's LARS (kept from batch 1,024).
+    assert config["opt"] == "adamw" and config["weight_decay"] == RULES["pretrain_adamw"]["weight_decay"]
+    assert config["lr"] == pytest.approx(RULES["pretrain_adamw"]["base_lr"] * 8 / 256)
     checkpoint = load_checkpoint(run / "last.pt")
     assert checkpoint["epoch"] == 2
     if method == "byol":

@@ -86,11 +86,14 @@ class LoopConfig:
     """What every training loop takes: data, model, optimisation, hardware, run directory.
 
     ``TrainConfig`` (supervised) and ``PretrainConfig`` (self-supervised) add their own fields.
-    ``None`` means "decide for me": ``lr`` from ``base_lr`` scaled linearly by the global batch
-    (``batch_size * accum_steps`` images per optimizer step, over 256), ``base_lr`` and
-    ``weight_decay`` from the optimizer's (or method's) usual values, ``precision`` and
-    ``channels_last`` from the hardware, ``workers`` from the cores. ``data_config`` holds
-    DataConfig fields; those not given come from the pretrained weights or the architecture.
+    ``None`` means "decide for me": ``batch_size``, ``base_lr`` and ``warmup_epochs`` from the
+    data (``imgrec.recipe.resolve_recipe``: enough steps per epoch, the rate of a run from scratch
+    or of fine-tuning), ``lr`` from ``base_lr`` scaled linearly by the global batch
+    (``batch_size * accum_steps`` images per optimizer step, over 256) or, with ``"auto"``, from
+    a learning-rate range test; ``weight_decay`` from the optimizer's (or method's) usual value,
+    ``precision`` and ``channels_last`` from the hardware, ``workers`` from the cores.
+    ``data_config`` holds DataConfig fields; those not given come from the pretrained weights,
+    the data (image size, crop scale) or the architecture.
     """
 
     OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("adamw", "sgd")
@@ -100,14 +103,14 @@ class LoopConfig:
     model: str = option("resnet50", "timm architecture, e.g. resnet50 (`imgrec models` lists them)")
     out: str = option("runs/train", "run directory")
     epochs: int = option(30, "passes over the training images")
-    batch_size: int = option(128, "images per step")
+    batch_size: int | None = option(None, "images per step (default: from the number of images, enough steps per epoch)")
     accum_steps: int = option(1, "batches per optimizer step (gradient accumulation)")
     opt: str | None = option("adamw", "optimizer")
-    lr: float | None = option(None, "learning rate (default: --base-lr x batch x accum / 256)")
-    base_lr: float | None = option(None, "learning rate per 256 images (adamw 1e-3, sgd 0.1)")
+    lr: float | str | None = option(None, "learning rate, or 'auto' for a range test before training (default: --base-lr x batch x accum / 256)")
+    base_lr: float | None = option(None, "learning rate per 256 images (default: from the data and the starting point)")
     weight_decay: float | None = option(None, "adamw 0.05, sgd 1e-4; never on biases and norms")
     momentum: float = option(0.9, "SGD and LARS momentum")
-    warmup_epochs: float = option(1.0, "linear warmup before the cosine decay")
+    warmup_epochs: float | None = option(None, "linear warmup before the cosine decay (default: from the run's length)")
     min_lr: float = option(0.0, "the cosine schedule's floor")
     precision: str = option("auto", "auto: bf16 where the hardware has it", choices=PRECISIONS)
     channels_last: bool | None = option(None, "NHWC memory (default on)")
@@ -132,8 +135,12 @@ class LoopConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "accum_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if isinstance(self.lr, str) and self.lr != "auto":
+            raise ValueError(f"lr must be a number or 'auto' (a range test picks it), got {self.lr!r}")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be 0 or more, got {self.warmup_epochs}")
         for name in ("steps_per_epoch", "checkpoint_every", "max_bad_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -163,6 +170,7 @@ class TrainConfig(LoopConfig):
     layer_decay: float | None = option(None, "layer-wise lr decay for fine-tuning, e.g. 0.75: each block gets this factor of the next one's rate")
     train_fraction: float = option(1.0, "train on this class-balanced fraction of the train images (0-1], chosen by --seed")
     drop_path: float | None = option(None, "stochastic depth rate")
+    cache: bool | None = option(None, "decode the training images once into memory and augment them in batches on the device (default: when they fit)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,11 +197,9 @@ class PretrainConfig(LoopConfig):
     method: str = option("simclr", "simclr (contrastive, default), moco (MoCo v3: contrastive, momentum teacher) or byol (momentum teacher, no negatives)")
     out: str = option("runs/pretrain", "run directory")
     epochs: int = option(100, "passes over the images")
-    batch_size: int = option(256, "images per step")
-    opt: str | None = option(None, "default: the method's (LARS)", choices=OPTIMIZERS)
+    opt: str | None = option(None, "default: the method's (LARS) at batches of 1,024 and more, else AdamW", choices=OPTIMIZERS)
     base_lr: float | None = option(None, "learning rate per 256 images (default: the method's with its LARS, SimCLR 0.3, MoCo v3 0.6, BYOL 0.2; else adamw 1e-3, sgd 0.1)")
     weight_decay: float | None = option(None, "never on biases and norms (default: the method's with LARS, 1e-6 or 1.5e-6; else adamw 0.05, sgd 1e-4)")
-    warmup_epochs: float = option(10.0, "linear warmup before the cosine decay")
     temperature: float | None = option(None, "contrastive softmax temperature (SimCLR 0.1, MoCo v3 1.0)")
     proj_hidden_dim: int | None = option(None, "hidden width of the projector/predictor (SimCLR 2048, BYOL 4096)")
     proj_dim: int | None = option(None, "output size of the projector (SimCLR 128, BYOL 256)")
@@ -237,7 +243,8 @@ class ServeConfig:
 
 def _check_numbers(config: Any) -> None:
     """Numeric fields hold numbers: YAML reads ``lr: 1e-3`` as a string (YAML 1.1 wants ``1.0e-3``),
-    so numeric strings are converted; anything else is an error naming the field."""
+    so numeric strings are converted; anything else is an error naming the field, except in a
+    field that also takes words (``lr: auto``), which checks its words itself."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value, kinds = getattr(config, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
@@ -251,6 +258,8 @@ def _check_numbers(config: Any) -> None:
             if float not in kinds and not isinstance(value, int):
                 raise ValueError
         except (TypeError, ValueError):
+            if str in kinds and isinstance(value, str):
+                continue
             wanted = "a number" if float in kinds else "a whole number"
             raise ValueError(f"{f.name} must be {wanted}, got {value!r}") from None
         setattr(config, f.name, value)

@@ -68,6 +68,22 @@ def confusion_figure(confusion: list[list[int]], classes: list[str]) -> Figure:
     return figure
 
 
+def lr_find_figure(lrs: list[float], losses: list[float], suggestion: float) -> Figure:
+    """The learning-rate range test: the smoothed loss against the rate (log axis), the suggestion marked."""
+    figure = Figure(figsize=(6.5, 4.0), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(lrs, losses, color="#1f77b4")
+    axes.set_xscale("log")
+    axes.axvline(suggestion, color="#d62728", linestyle="--", label=f"suggestion {suggestion:.2g}")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss (smoothed)")
+    axes.set_title("learning-rate range test")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
 def write_confusion_png(confusion: list[list[int]], classes: list[str], path: str | os.PathLike) -> Path:
     """Save the row-normalised confusion matrix as a heat map: each row shows where a true class went.
 
@@ -83,4 +99,4 @@ def write_confusion_png(confusion: list[list[int]], classes: list[str], path: st
     return path
 
 
-__all__ = ["confusion_figure", "short_label", "write_confusion_png"]
+__all__ = ["confusion_figure", "lr_find_figure", "short_label", "write_confusion_png"]

@@ -1,23 +1,29 @@
 """Where a run's settings come from, in one order: flags > YAML > the pretrained weights' card >
-the architecture's defaults > the dataclass defaults.
+the data > the architecture's defaults > the dataclass defaults.
 
 ``load_config`` merges the first two into a ``TrainConfig`` / ``PretrainConfig`` (the CLI calls it);
-``resolve_data_config`` adds the last ones to the data config (train, pretrain, probe and
-``imgrec inspect`` call it), so that a model fine-tuned from weights pretrained at 160 px is fed
-160 px images unless told otherwise, and a timm architecture gets its own mean, std and crop.
+``resolve_recipe`` fills in what the user left open from the data (``imgrec.data.stats``: how
+many images, how large) and the starting point (from scratch, or fine-tuning pretrained weights),
+with a reason for each choice; ``resolve_data_config`` adds the card's and the architecture's
+preprocessing (train, pretrain, probe and ``imgrec inspect`` call it), so that a model fine-tuned
+from weights pretrained at 160 px is fed 160 px images unless told otherwise, and a timm
+architecture gets its own mean, std and crop. The rules are one table, ``RULES``; BENCHMARKS.md
+says what each rests on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import yaml
 
 from imgrec.card import ModelCard
-from imgrec.config import INTERPOLATIONS, PREPROCESSING, DataConfig, from_dict
+from imgrec.config import INTERPOLATIONS, PREPROCESSING, DataConfig, LoopConfig, PretrainConfig, from_dict
+from imgrec.data.stats import DataStats
 
 C = TypeVar("C")
 
@@ -73,4 +79,118 @@ def resolve_data_config(
     return dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
 
 
-__all__ = ["architecture_preprocessing", "load_config", "resolve_data_config"]
+# The recipe's rules in one table. Each rests on measurements on small real datasets (BENCHMARKS.md,
+# "Recipes that fit the data") or, for large datasets where nothing could be measured here, on
+# ImageNet practice (the earlier defaults).
+RULES: dict[str, Any] = {
+    "steps_per_epoch": 20,  # the batch is the largest power of two that leaves at least this many optimizer steps per epoch...
+    "batch_cpu": (16, 128),  # ...within this range on a CPU
+    "batch_gpu": (16, 256),  # ...and on a GPU
+    "scratch_lr": {"adamw": 8e-3, "sgd": 0.4},  # per 256 images, a small dataset from scratch
+    "imagenet_lr": {"adamw": 1e-3, "sgd": 0.1},  # per 256 images, at and above ``large`` images (ImageNet practice)
+    "large": 100_000,  # images: from here on the ImageNet rates
+    "finetune_lr": 0.25,  # fine-tuning pretrained weights: this fraction of the rate from scratch
+    "warmup_fraction": 0.05,  # of the run's steps, in whole epochs' terms (at most ``warmup_max`` epochs)
+    "warmup_max": 1.0,
+    "finetune_warmup_fraction": 0.02,
+    "pretrain_warmup_fraction": 0.1,  # self-supervised runs: the papers' 10 of 100 epochs...
+    "pretrain_warmup_max": 10.0,  # ...at most 10
+    "min_size": 32,  # smallest input the recipe picks: five stride-2 stages need it
+    "small_image": 64,  # images whose shorter side is at most this (scans, thumbnails): the crop rules below
+    "small_scale": (0.35, 1.0),  # RandomResizedCrop's area range for them: a crop of 8% of a 32 px image keeps nothing
+    "small_crop_pct": 1.0,  # and no centre crop at eval: the object fills the frame
+    "pretrain_lars_batch": 1024,  # self-supervised methods keep their paper's LARS only at global batches this large...
+    "pretrain_adamw": {"base_lr": 4e-3, "weight_decay": 1e-4},  # ...and use AdamW below (benchmarks/ssl_transfer.py)
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One setting the recipe chose, and why."""
+
+    name: str  # the flag, without dashes: batch_size, lr, img_size, scale...
+    value: Any
+    reason: str
+
+
+def pick_batch_size(images: int, device: torch.device) -> tuple[int, str]:
+    low, high = RULES["batch_gpu"] if device.type == "cuda" else RULES["batch_cpu"]
+    wanted = max(1, images // RULES["steps_per_epoch"])
+    batch = max(low, min(high, 1 << (wanted.bit_length() - 1)))
+    return batch, f"{images:,} images: {images // batch} steps per epoch"
+
+
+def pick_image_size(stats: DataStats, architecture: dict[str, Any], given: dict[str, Any], card: ModelCard | None, crops: bool = True) -> list[Choice]:
+    """The input size (and, with ``crops``, the crop rules of small images) where neither the user nor the weights' card set them."""
+    stated = set(card.stated) if card is not None else set()
+    if stats.short_side is None:
+        return []
+    choices = []
+    default = architecture["img_size"]
+    if "img_size" not in given and "img_size" not in stated and stats.short_side < default:
+        size = max(RULES["min_size"], 8 * round(stats.short_side / 8))
+        why = f"the images' median shorter side is {stats.short_side} px" + (f" (at least {RULES['min_size']} px)" if size != stats.short_side else "")
+        choices.append(Choice("img_size", size, f"{why}; the architecture's {default} px would enlarge them {default / stats.short_side:.1f}x"))
+    if crops and stats.short_side <= RULES["small_image"]:
+        if "scale" not in given:
+            choices.append(Choice("scale", RULES["small_scale"], f"images of {stats.short_side} px: a crop under {RULES['small_scale'][0]:.0%} of one keeps too little"))
+        if "crop_pct" not in given and "crop_pct" not in stated:
+            choices.append(Choice("crop_pct", RULES["small_crop_pct"], f"images of {stats.short_side} px: evaluated whole, not centre-cropped"))
+    return choices
+
+
+def pick_base_lr(config: LoopConfig, stats: DataStats, batch: int, finetune: bool) -> list[Choice]:
+    """The rate per 256 images, where the user set neither ``lr`` nor ``base_lr``."""
+    if config.lr is not None or config.base_lr is not None:
+        return []
+    large = stats.images >= RULES["large"]
+    rate = (RULES["imagenet_lr"] if large else RULES["scratch_lr"])[config.opt] * (RULES["finetune_lr"] if finetune else 1.0)
+    start = "fine-tuning pretrained weights" if finetune else "from scratch"
+    size = f"{stats.images:,} images" + (" (ImageNet's rate)" if large else "")
+    return [Choice("base_lr", rate, f"{config.opt} {start}, {size}: {rate:.3g} per 256 images, {rate * batch * config.accum_steps / 256:.3g} at this batch")]
+
+
+def pick_warmup(config: LoopConfig, finetune: bool) -> list[Choice]:
+    if config.warmup_epochs is not None:
+        return []
+    kind = "pretrain_" if isinstance(config, PretrainConfig) else "finetune_" if finetune else ""
+    fraction, most = RULES[f"{kind}warmup_fraction"], RULES["pretrain_warmup_max" if kind == "pretrain_" else "warmup_max"]
+    epochs = round(min(most, fraction * config.epochs), 2)
+    return [Choice("warmup_epochs", epochs, f"{fraction:.0%} of {config.epochs} epochs, at most {most:g}")]
+
+
+def resolve_recipe(
+    config: LoopConfig, stats: DataStats, *, model: torch.nn.Module, device: torch.device, card: ModelCard | None = None, finetune: bool = False
+) -> tuple[LoopConfig, list[Choice]]:
+    """``config`` with what the user left open (``None``, or absent from ``data_config``) chosen from
+    the data's ``stats``, the architecture (``model``), the pretrained weights' ``card``, whether
+    this is fine-tuning, and the device; and the choices, each with its reason."""
+    choices: list[Choice] = []
+    batch = config.batch_size
+    if batch is None:
+        batch, why = pick_batch_size(stats.images, device)
+        choices.append(Choice("batch_size", batch, why))
+    pretraining = isinstance(config, PretrainConfig)
+    choices += pick_pretrain_optimizer(config, batch) if pretraining else pick_base_lr(config, stats, batch, finetune)
+    choices += pick_warmup(config, finetune)
+    choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining)
+    fields = {c.name: c.value for c in choices if c.name in {f.name for f in dataclasses.fields(config)}}
+    data = {c.name: c.value for c in choices if c.name not in fields}
+    return dataclasses.replace(config, **fields, data_config={**config.data_config, **data}), choices
+
+
+def pick_pretrain_optimizer(config: PretrainConfig, batch: int) -> list[Choice]:
+    """Self-supervised methods: their paper's LARS at large global batches, AdamW at small ones."""
+    global_batch = batch * config.accum_steps
+    if config.opt is not None or global_batch >= RULES["pretrain_lars_batch"]:
+        return []
+    adamw = RULES["pretrain_adamw"]
+    choices = [Choice("opt", "adamw", f"a global batch of {global_batch}: LARS barely moves under {RULES['pretrain_lars_batch']:,}")]
+    if config.lr is None and config.base_lr is None:
+        choices.append(Choice("base_lr", adamw["base_lr"], f"AdamW for self-supervised learning at small batches: {adamw['base_lr']:g} per 256 images"))
+    if config.weight_decay is None:
+        choices.append(Choice("weight_decay", adamw["weight_decay"], "AdamW for self-supervised learning at small batches"))
+    return choices
+
+
+__all__ = ["RULES", "Choice", "architecture_preprocessing", "load_config", "resolve_data_config", "resolve_recipe"]

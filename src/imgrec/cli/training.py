@@ -19,6 +19,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="train a classifier on DATA/train, validate on DATA/val; writes a model directory")
     add_run_flags(p, TrainConfig)
     p.set_defaults(handler=run_train)
+    p = commands.add_parser("lr-find", help="learning-rate range test of a training run: the loss against the rate, and a suggestion (no training)")
+    add_config_flags(p, TrainConfig)
+    add_config_flags(p, DataConfig)
+    p.add_argument("--config", help="YAML file of TrainConfig fields; flags given here win")
+    p.set_defaults(handler=run_lr_find, out_default="runs/lr-find")
     p = commands.add_parser("pretrain", help="self-supervised pretraining of a backbone on images without labels; writes RUN/backbone.safetensors")
     add_run_flags(p, PretrainConfig)
     p.set_defaults(handler=run_pretrain)
@@ -76,6 +81,16 @@ def run_train(args: argparse.Namespace) -> int:
     from imgrec.engine.tasks.classify import train
 
     return run_training(train, args, TrainConfig)
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from imgrec.engine.tasks.classify import lr_find
+
+    config = config_from_args(args, TrainConfig)
+    lr_find(dataclasses.replace(config, out=args.out or args.out_default), console=console)
+    return 0
 
 
 def run_pretrain(args: argparse.Namespace) -> int:

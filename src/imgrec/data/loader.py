@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
@@ -30,6 +32,8 @@ def create_loader(
     low_priority_workers: bool = False,
     skip_none: bool = False,
     channels_last: bool = False,
+    collate_fn: Callable[[list], Any] | None = None,
+    every_rank_reads_all: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding (uint8 images [B, 3, H, W], int64 labels [B]).
 
@@ -47,12 +51,14 @@ def create_loader(
     the CPU whenever the model waits for data. On 2 cores that made a resnet18 step about 5% faster.
     ``skip_none`` drops the ``None`` samples of a dataset built with ``replace_bad=False``.
     ``channels_last`` stacks the batch in NHWC memory in the worker, so that the training
-    process gets the memory layout the model wants without a copy of its own.
+    process gets the memory layout the model wants without a copy of its own. ``collate_fn``
+    replaces the collation (it then deals with ``None`` samples itself). ``every_rank_reads_all``
+    gives each rank the whole dataset in order (a cache that each process holds whole).
     """
     workers = default_workers() if num_workers is None else num_workers
     sampler = None
     if not isinstance(dataset, IterableDataset):  # shards shuffle and split themselves
-        rank, world = distributed.rank(), distributed.world_size()
+        rank, world = (0, 1) if every_rank_reads_all else (distributed.rank(), distributed.world_size())
         if train or world > 1:
             sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world=world, shuffle=train, drop_last=train)
     generator = torch.Generator().manual_seed(seed)
@@ -67,7 +73,7 @@ def create_loader(
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=lower_worker_priority if low_priority_workers and workers > 0 else None,
-        collate_fn=partial(collate_images, skip_none=skip_none, channels_last=channels_last),
+        collate_fn=collate_fn or partial(collate_images, skip_none=skip_none, channels_last=channels_last),
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from imgrec import distributed
 
@@ -34,4 +35,17 @@ def ranks_note() -> str:
     return f" per rank on {world} ranks" if world > 1 else ""
 
 
-__all__ = ["epoch_progress", "ranks_note"]
+def print_recipe(console: Console, choices: list[Any]) -> None:
+    """The settings the recipe chose (``imgrec.recipe.Choice``), each with its reason, as a short table."""
+    if not choices:
+        return
+    table = Table(title="recipe: what was left open, chosen from the data (a flag overrides each)", title_justify="left", box=None, padding=(0, 2, 0, 0))
+    for column in ("setting", "value", "why"):
+        table.add_column(column, overflow="fold")
+    for choice in choices:
+        value = " ".join(f"{v:g}" for v in choice.value) if isinstance(choice.value, tuple) else f"{choice.value:g}" if isinstance(choice.value, float) else str(choice.value)
+        table.add_row("--" + choice.name.replace("_", "-"), value, choice.reason)
+    console.print(table)
+
+
+__all__ = ["epoch_progress", "print_recipe", "ranks_note"]

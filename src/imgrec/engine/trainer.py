@@ -36,9 +36,9 @@ from imgrec import distributed
 from imgrec.card import CHECKPOINT_NAME
 from imgrec.config import LoopConfig, from_dict, save_yaml, to_dict
 from imgrec.data.folder import SkipLog
-from imgrec.data.loader import create_loader
 from imgrec.data.sampler import EpochSampler
 from imgrec.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from imgrec.engine.lr_find import RangeTest, range_test, write_range_test
 from imgrec.engine.optim import apply_schedule, cosine_schedule, create_optimizer, peak_lr, scaled_lr
 from imgrec.engine.progress import epoch_progress, ranks_note
 from imgrec.engine.run_dir import (
@@ -147,17 +147,16 @@ class Trainer:
         self.skip_log = SkipLog(self.out / SKIP_LOG_NAME if distributed.is_main() else None)  # other ranks' are merged at each epoch's end
         self.state, self.signals = LoopState(), StopSignals()
         self.task = task = task_class(config, RunContext(console, self.out, self.device, self.precision, channels_last, self.skip_log, checkpoint))
+        config = task.config  # what was left open now chosen
         self.forward = distributed.wrap(task.module, self.device, sync_bn=config.sync_bn)
         self.forward = torch.compile(self.forward) if config.compile else self.forward
-        self.train_loader = create_loader(
-            task.train_set, batch_size=config.batch_size, train=True, num_workers=config.workers, seed=config.seed, persistent_workers=False,
-            low_priority_workers=self.device.type == "cpu", channels_last=channels_last and task.batches_channels_last,
-        )  # fmt: skip
+        self.train_loader = task.make_train_loader(config, self.device, channels_last)
         # Shards under DDP: one rank's split may run dry first, and every rank must stop at the same step.
         self.must_agree_on_end = distributed.world_size() > 1 and not isinstance(self.train_loader.sampler, EpochSampler)
         self.steps_per_epoch = steps_per_epoch(task.train_set, self.train_loader, config)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.build_optimizer(config)
+        self.range_test = self.find_lr(config) if config.lr == "auto" and checkpoint is None else None
         # config.yaml records what the run used, not just what was asked for.
         self.config = dataclasses.replace(
             config, data_config=to_dict(task.data_config), opt=self.settings.opt, base_lr=self.settings.base_lr, lr=self.lr,
@@ -170,16 +169,27 @@ class Trainer:
             self.writer = open_tensorboard(self.out) if config.tensorboard else None
             save_yaml(self.config, self.out / CONFIG_NAME)
 
-    def build_optimizer(self, config: LoopConfig) -> None:
-        """The optimizer the task asks for at the rate scaled to the global batch, its cosine schedule, the grad scaler."""
+    def build_optimizer(self, config: LoopConfig, lr: float | None = None) -> None:
+        """The optimizer the task asks for at ``lr`` (default: the config's, or the rate scaled to
+        the global batch), its cosine schedule, the grad scaler."""
         self.settings = settings = self.task.optimizer_settings()
         global_batch = config.batch_size * config.accum_steps * distributed.world_size()
-        self.lr = config.lr if config.lr is not None else scaled_lr(settings.opt, global_batch, settings.base_lr)
+        fixed = config.lr if isinstance(config.lr, float | int) else None
+        self.lr = lr if lr is not None else fixed if fixed is not None else scaled_lr(settings.opt, global_batch, settings.base_lr)
         self.optimizer = create_optimizer(
             self.task.module, settings.opt, self.lr, settings.weight_decay, config.momentum, settings.layer_decay, lars_trust=settings.lars_trust
         )
         self.scheduler = cosine_schedule(self.optimizer, self.total_steps, round(config.warmup_epochs * self.steps_per_epoch), config.min_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def find_lr(self, config: LoopConfig) -> RangeTest:
+        """``--lr auto``: a learning-rate range test picks the rate (its curve in RUN/lr_find.png and .json)."""
+        test = range_test(self)
+        self.build_optimizer(config, lr=test.suggestion)
+        if distributed.is_main():
+            path = write_range_test(test, self.out)
+            self.console.print(f"lr auto: {test.suggestion:.3g} from a range test of {len(test.lrs)} steps ({path})", highlight=False)
+        return test
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> Path:

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from imgrec.config import DataConfig, LoopConfig
 from imgrec.data.folder import SkipLog
+from imgrec.data.loader import create_loader
 
 Forward = Callable[..., Any]  # the trained module as the trainer wraps it (DDP, torch.compile)
 
@@ -55,7 +56,7 @@ class Task:
     config_class: ClassVar[type[LoopConfig]]
     no_data: ClassVar[str]  # the error when the config names no data
 
-    config: LoopConfig
+    config: LoopConfig  # the run's config, what the user left open filled in (``imgrec.recipe.resolve_recipe``)
     module: torch.nn.Module  # what the optimizer trains and DDP wraps, already on the run's device
     saved: torch.nn.Module  # what the run saves (the checkpoint's size check counts it)
     train_set: Any  # the dataset the trainer's loader reads
@@ -66,6 +67,14 @@ class Task:
     @classmethod
     def check(cls, config: LoopConfig) -> None:
         """Refuse a config the task cannot run, before anything is written."""
+
+    def make_train_loader(self, config: LoopConfig, device: torch.device, channels_last: bool) -> Any:
+        """The loader of the training batches (``config`` is the task's, resolved): by default the
+        files of ``train_set`` through loader processes, an ``EpochSampler``'s order."""
+        return create_loader(
+            self.train_set, batch_size=config.batch_size, train=True, num_workers=config.workers, seed=config.seed, persistent_workers=False,
+            low_priority_workers=device.type == "cpu", channels_last=channels_last and self.batches_channels_last,
+        )  # fmt: skip
 
     def optimizer_settings(self) -> OptimizerSettings:
         raise NotImplementedError

@@ -18,17 +18,21 @@ from rich.console import Console
 from imgrec import distributed
 from imgrec.card import ModelCard
 from imgrec.config import TrainConfig
+from imgrec.data.cache import BatchedRandomResizedCrop, CachedEvalLoader, CachedTrainLoader, ImageCache, cache_plan, cache_side
 from imgrec.data.folder import read_class_names, take_fraction, write_class_index
 from imgrec.data.loader import create_loader
 from imgrec.data.splits import load_splits
+from imgrec.data.stats import dataset_stats
 from imgrec.data.transforms import BatchNormalize, eval_transform, train_transform
 from imgrec.engine.evaluate import classification_metrics, collect_logits
+from imgrec.engine.lr_find import RangeTest
+from imgrec.engine.progress import print_recipe
 from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Task
-from imgrec.engine.trainer import run_task
+from imgrec.engine.trainer import Trainer, run_task, start_or_resume
 from imgrec.hardware import DTYPES, autocast
 from imgrec.models.directory import save_model_dir
 from imgrec.models.factory import create_model, resolve_weights
-from imgrec.recipe import resolve_data_config
+from imgrec.recipe import resolve_data_config, resolve_recipe
 
 
 def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, console: Console | None = None, **overrides: Any):
@@ -38,6 +42,17 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     ``train(resume="runs/r18")`` continues a run from its ``last.pt``.
     """
     return run_task(ClassifyTask, config, resume=resume, console=console, overrides=overrides)
+
+
+def lr_find(config: TrainConfig | None = None, *, console: Console | None = None, **overrides: Any) -> RangeTest:
+    """The learning-rate range test of a classifier's run (``imgrec lr-find``): the curve and the
+    suggestion, written to OUT/lr_find.png and lr_find.json; no training."""
+    console = console or Console(soft_wrap=True)
+    config, _ = start_or_resume(ClassifyTask, config, None, {"out": "runs/lr-find", **overrides} if config is None else overrides)  # data given, OUT no run
+    trainer = Trainer(ClassifyTask, config, console)
+    test = trainer.range_test or trainer.find_lr(trainer.config)
+    console.print(f"suggested learning rate {test.suggestion:.3g} (at batch {trainer.config.batch_size}); curve: {trainer.out / 'lr_find.png'}", highlight=False)
+    return test
 
 
 class ClassifyTask(Task):
@@ -51,11 +66,10 @@ class ClassifyTask(Task):
         self.config, self.run = config, run
         self.load_data()
         self.model = self.module = self.saved = self.build_model()
+        config = self.config  # the recipe's choices filled in
         # Evaluation runs outside DDP: the ranks' shares of val/ may differ by a batch.
         self.eval_forward = torch.compile(self.model) if config.compile else self.model
-        self.val_loader = create_loader(
-            self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=run.channels_last
-        )
+        self.build_loaders()
         self.ema = None
         if config.ema_decay:
             from timm.utils import ModelEmaV3
@@ -88,31 +102,54 @@ class ClassifyTask(Task):
         self.splits.val.replace_bad = False  # validation counts each readable image once
         if config.train_fraction < 1:
             take_fraction(self.splits.train, config.train_fraction, config.seed)
-        if config.mixup or config.cutmix:
-            if config.batch_size % 2 or (len(self.splits.train) < config.batch_size and len(self.splits.train) % 2):
-                raise ValueError(
-                    f"mixup/cutmix pair images within a batch: batch_size must be even, got {config.batch_size} "
-                    f"({len(self.splits.train)} training images)"
-                )
         self.train_set = self.splits.train
+        self.stats = dataset_stats(self.train_set, seed=config.seed)
         if distributed.is_main():
             write_class_index(run.out / "classes.json", self.classes)
 
     def build_model(self) -> torch.nn.Module:
-        """The model (from the pretrained weights, unless a checkpoint will give them), its data
-        config (flags > the weights' card > the architecture's) and transforms, on the device."""
+        """The model (from the pretrained weights, unless a checkpoint will give them), the recipe
+        (what the user left open, from the data), the data config (flags > the weights' card > the
+        data > the architecture's) and transforms, on the device."""
         config, run = self.config, self.run
         # The weights come from the checkpoint on resume: the pretrained file is not needed (nor read) again.
         pretrained = config.pretrained if run.checkpoint is None else None
         card = pretrained_card(pretrained, config.model)
         model_options = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
         model = create_model(config.model, num_classes=len(self.classes), pretrained=pretrained, **model_options)
+        if run.checkpoint is None:  # a resumed run's config holds every choice already
+            self.config, choices = resolve_recipe(config, self.stats, model=model, device=run.device, card=card, finetune=pretrained is not None)
+            print_recipe(run.console, choices)
+            config = self.config
+        check_mixup(config, len(self.train_set))
         self.data_config = resolve_data_config(model, card=card, **config.data_config)
         self.splits.train.transform = train_transform(self.data_config, config.loader)
         self.splits.val.transform = eval_transform(self.data_config, config.loader)
         if config.freeze_backbone:
             freeze_backbone(model)
         return model.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
+
+    def build_loaders(self) -> None:
+        """The validation loader, and the cache of the training images when they fit (the fast path)."""
+        config, run, dc = self.config, self.run, self.data_config
+        cached, why = cache_plan(self.stats, dc, run.device, config.cache)
+        self.cache = None
+        if cached:
+            side = cache_side(dc.img_size, self.stats.short_side)
+            self.cache = ImageCache(self.splits.train, side=side, interpolation=dc.interpolation, device=run.device, workers=config.workers)
+            self.crop = BatchedRandomResizedCrop(dc.img_size, scale=dc.scale, ratio=dc.ratio, hflip=dc.hflip, interpolation=dc.interpolation)
+            self.val_loader = CachedEvalLoader(self.splits.val, batch_size=config.batch_size, device=run.device, workers=config.workers, channels_last=run.channels_last)
+            run.console.print(f"data: {len(self.cache):,} training images decoded once into memory ({why}), augmented in batches on {run.device.type}; no loader processes", highlight=False)
+            return
+        self.val_loader = create_loader(
+            self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=run.channels_last
+        )
+        run.console.print(f"data: read from the files each epoch by loader processes ({why})", highlight=False)
+
+    def make_train_loader(self, config: TrainConfig, device: torch.device, channels_last: bool) -> Any:
+        if self.cache is not None:
+            return CachedTrainLoader(self.cache, self.crop, batch_size=config.batch_size, seed=config.seed)
+        return super().make_train_loader(config, device, channels_last)
 
     def optimizer_settings(self) -> OptimizerSettings:
         config = self.config
@@ -211,6 +248,12 @@ class ClassifyTask(Task):
 
     def end_line(self) -> str:
         return f"best val top-1 {self.best['top1']:.2f}% (epoch {self.best.get('epoch')}); model directory: {self.run.out}"
+
+
+def check_mixup(config: TrainConfig, images: int) -> None:
+    if config.mixup or config.cutmix:
+        if config.batch_size % 2 or (images < config.batch_size and images % 2):
+            raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {config.batch_size} ({images} training images)")
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

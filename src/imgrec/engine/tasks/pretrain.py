@@ -29,18 +29,20 @@ from imgrec.data.labels import LabelledFiles
 from imgrec.data.loader import create_loader
 from imgrec.data.shards import ShardDataset, is_shard_source
 from imgrec.data.splits import SHARD_SHUFFLE_BUFFER, load_splits
+from imgrec.data.stats import dataset_stats
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.data.views import MultiViewTransform, adjust_view
 from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.knn import knn_scores
 from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY
+from imgrec.engine.progress import print_recipe
 from imgrec.engine.tasks import method_class
 from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Task
 from imgrec.engine.trainer import run_task
 from imgrec.hardware import DTYPES, autocast
 from imgrec.models.directory import save_model_dir
 from imgrec.models.factory import create_model
-from imgrec.recipe import resolve_data_config
+from imgrec.recipe import resolve_data_config, resolve_recipe
 
 
 def pretrain(config: PretrainConfig | None = None, *, resume: str | os.PathLike | None = None, console: Console | None = None, **overrides: Any) -> Path:
@@ -119,6 +121,11 @@ class PretrainTask(Task):
         self.config, self.run = config, run
         self.train_set, self.bank_set, self.query_set, self.classes, self.monitor_note = pretraining_data(config, run.skip_log)
         backbone = create_model(config.model, num_classes=0)
+        if run.checkpoint is None:  # a resumed run's config holds every choice already
+            stats = dataset_stats(self.train_set, seed=config.seed)
+            self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device)
+            print_recipe(run.console, choices)
+            config = self.config
         self.data_config = dc = resolve_data_config(backbone, **config.data_config)
         self.method_class = cls = method_class(config.method)
         self.method = cls.build(
