@@ -109,6 +109,36 @@ def test_dataset_stats_read_counts_and_header_sizes(tmp_path: Path) -> None:
     assert (found.short_side, found.long_side) == (20, 40) and found.grey == pytest.approx(3 / 8)
 
 
+def write_classes(root: Path, draw) -> list[tuple[str, int]]:
+    """Two classes of 20 noisy 24 px images each, ``draw(label, x)`` the ink at column x."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for label in (0, 1):
+        (root / str(label)).mkdir(parents=True)
+        for i in range(20):
+            columns = np.array([draw(label, x) for x in range(24)], dtype=np.float64)
+            pixels = np.clip(np.tile(columns, (24, 1)) + rng.normal(0, 30, (24, 24)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / str(label) / f"{i}.png")
+            samples.append((str(root / str(label) / f"{i}.png"), label))
+    return samples
+
+
+def test_the_mirror_test_tells_writing_from_photographs(tmp_path: Path, resnet18) -> None:
+    from imgrec.data.stats import mirror_asymmetry
+
+    # Class 0 is dark on the left and class 1 on the right: a mirrored 0 looks like a 1, as a mirrored "2" looks like no digit.
+    sided = mirror_asymmetry(write_classes(tmp_path / "sided", lambda label, x: 220 if (x < 12) == (label == 0) else 30))
+    # The classes differ in a stripe's width around the centre: a mirror changes nothing.
+    centred = mirror_asymmetry(write_classes(tmp_path / "centred", lambda label, x: 220 if abs(x - 11.5) < 3 + 6 * label else 30))
+    assert sided is not None and sided > 3 * RULES["mirror"] and centred is not None and centred < 0.1
+    assert chosen(TrainConfig(data="x"), DataStats(40, 2, 20, 20, 24, 24, 1.0, sided), resnet18)["hflip"] == 0.0
+    assert "hflip" not in chosen(TrainConfig(data="x"), DataStats(40, 2, 20, 20, 24, 24, 1.0, centred), resnet18)
+    assert "hflip" not in chosen(TrainConfig(data="x", data_config={"hflip": 0.5}), DataStats(40, 2, 20, 20, 24, 24, 1.0, sided), resnet18)
+
+
 # --- the learning-rate range test ----------------------------------------------------------------
 
 

@@ -99,6 +99,7 @@ RULES: dict[str, Any] = {
     "small_image": 64,  # images whose shorter side is at most this (scans, thumbnails): the crop rules below
     "small_scale": (0.35, 1.0),  # RandomResizedCrop's area range for them: a crop of 8% of a 32 px image keeps nothing
     "small_crop_pct": 1.0,  # and no centre crop at eval: the object fills the frame
+    "mirror": 1.0,  # no horizontal flip when mirroring moves the classes' average images more than they differ (digits, writing)
     "pretrain_lars_batch": 1024,  # self-supervised methods keep their paper's LARS only at global batches this large...
     "pretrain_adamw": {"base_lr": 4e-3, "weight_decay": 1e-4},  # ...and use AdamW below (benchmarks/ssl_transfer.py)
 }
@@ -139,6 +140,13 @@ def pick_image_size(stats: DataStats, architecture: dict[str, Any], given: dict[
     return choices
 
 
+def pick_flip(stats: DataStats, given: dict[str, Any]) -> list[Choice]:
+    """No horizontal flip where left and right carry meaning (``DataStats.mirror``)."""
+    if "hflip" in given or stats.mirror is None or stats.mirror <= RULES["mirror"]:
+        return []
+    return [Choice("hflip", 0.0, f"a mirrored class average moves {stats.mirror:.1f}x as far as the classes are apart: left and right mean something here")]
+
+
 def pick_base_lr(config: LoopConfig, stats: DataStats, batch: int, finetune: bool) -> list[Choice]:
     """The rate per 256 images, where the user set neither ``lr`` nor ``base_lr``."""
     if config.lr is not None or config.base_lr is not None:
@@ -174,6 +182,7 @@ def resolve_recipe(
     choices += pick_pretrain_optimizer(config, batch) if pretraining else pick_base_lr(config, stats, batch, finetune)
     choices += pick_warmup(config, finetune)
     choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining)
+    choices += pick_flip(stats, config.data_config)
     fields = {c.name: c.value for c in choices if c.name in {f.name for f in dataclasses.fields(config)}}
     data = {c.name: c.value for c in choices if c.name not in fields}
     return dataclasses.replace(config, **fields, data_config={**config.data_config, **data}), choices

@@ -37,7 +37,7 @@ from imgrec.card import CHECKPOINT_NAME
 from imgrec.config import LoopConfig, from_dict, save_yaml, to_dict
 from imgrec.data.folder import SkipLog
 from imgrec.data.sampler import EpochSampler
-from imgrec.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from imgrec.engine.checkpoint import BackgroundWriter, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from imgrec.engine.lr_find import RangeTest, range_test, write_range_test
 from imgrec.engine.optim import apply_schedule, cosine_schedule, create_optimizer, peak_lr, scaled_lr
 from imgrec.engine.progress import epoch_progress, ranks_note
@@ -145,7 +145,7 @@ class Trainer:
         flush_denormals(self.device)
         channels_last = config.channels_last if config.channels_last is not None else True
         self.skip_log = SkipLog(self.out / SKIP_LOG_NAME if distributed.is_main() else None)  # other ranks' are merged at each epoch's end
-        self.state, self.signals = LoopState(), StopSignals()
+        self.state, self.signals, self.saver = LoopState(), StopSignals(), BackgroundWriter()
         self.task = task = task_class(config, RunContext(console, self.out, self.device, self.precision, channels_last, self.skip_log, checkpoint))
         config = task.config  # what was left open now chosen
         self.forward = distributed.wrap(task.module, self.device, sync_bn=config.sync_bn)
@@ -197,8 +197,11 @@ class Trainer:
         config = self.config
         self.console.print(self.task.start_line(f"{config.batch_size}x{config.accum_steps}{ranks_note()}", self.lr), highlight=False)
         with self.signals:
-            while self.state.epoch < config.epochs:
-                self.epoch(self.state.epoch + 1)
+            try:
+                while self.state.epoch < config.epochs:
+                    self.epoch(self.state.epoch + 1)
+            finally:
+                self.finish_checkpoint()  # whatever ends the run, the checkpoint being written is finished
         if self.writer is not None:
             self.writer.close()
         if self.state.skipped_files:
@@ -310,6 +313,7 @@ class Trainer:
             )
 
     def apply_gradients(self) -> None:
+        self.finish_checkpoint()  # a checkpoint written during this step is on disk before the step's update
         if self.settings.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.task.module.parameters(), self.settings.clip_grad)
@@ -349,17 +353,19 @@ class Trainer:
             set_rng_state(self.state.resume_rng)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save_checkpoint(self) -> bool:
+    def save_checkpoint(self) -> None:
         """Write ``RUN/last.pt``: the task's state plus the loop's (optimizer, schedule, scaler,
         position, running sums, every rank's RNG state, config).
 
-        Called by every rank (the RNG states are gathered); rank 0 writes. A write that fails (disk
-        full, a vanished mount) is reported and the previous checkpoint kept; returns whether it worked.
+        Called by every rank (the RNG states are gathered); rank 0 writes, on a thread
+        (``BackgroundWriter``: the state is copied first, and the write is finished before the
+        next optimizer update, or before the run stops). A write that fails (disk full, a vanished
+        mount) is reported and the previous checkpoint kept.
         """
         ranks = distributed.gather_objects({"rng": rng_state(), "partial": dict(self.state.partial)})
         self.state.last_save = time.monotonic()
         if not distributed.is_main():
-            return True
+            return
         state = {
             **self.task.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -374,17 +380,20 @@ class Trainer:
             "world_size": distributed.world_size(),
             "config": to_dict(self.config),
         }
-        try:
-            save_checkpoint(self.out / CHECKPOINT_NAME, state)
-        except OSError as exc:
+        self.warn_unsaved(self.saver.write(self.out / CHECKPOINT_NAME, state, save_checkpoint))
+
+    def finish_checkpoint(self) -> None:
+        """Wait for the checkpoint being written, if any (a failed write is reported, the previous one kept)."""
+        self.warn_unsaved(self.saver.wait())
+
+    def warn_unsaved(self, failure: OSError | None) -> None:
+        if failure is not None:
             self.console.print(
-                f"warning: could not write the checkpoint {self.out / CHECKPOINT_NAME} ({exc.strerror or exc}); "
+                f"warning: could not write the checkpoint {self.out / CHECKPOINT_NAME} ({failure.strerror or failure}); "
                 f"the previous one is kept and training goes on. Free some space in {self.out}.",
                 style="yellow",
                 highlight=False,
             )
-            return False
-        return True
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """The task's state, optimizer, schedule, scaler, position and RNG states of ``checkpoint``;
