@@ -541,6 +541,7 @@ def test_an_epoch_that_ends_mid_accumulation_leaves_no_stale_gradients(tmp_path)
     gradients of the unfinished step must not carry into the next epoch's first step."""
     from imgrec.config import TrainConfig
     from imgrec.engine.tasks.base import OptimizerSettings, Task
+    from imgrec.engine.checkpoint import BackgroundWriter
     from imgrec.engine.trainer import EpochSums, LoopState, StopSignals
 
     class Linear(Task):
@@ -562,6 +563,7 @@ def test_an_epoch_that_ends_mid_accumulation_leaves_no_stale_gradients(tmp_path)
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     trainer.state, trainer.signals, trainer.steps_per_epoch, trainer.total_steps, trainer.must_agree_on_end = LoopState(), StopSignals(), 2, 2, False
+    trainer.saver = BackgroundWriter()
     sums = EpochSums.resume({}, trainer.device)
     assert trainer.step(1, 1, batches, sums) is True
     assert trainer.step(1, 2, batches, sums) is False  # one batch, then the data ran out
