@@ -39,11 +39,18 @@ def test_the_scans_of_the_issue_get_the_recipe_that_trains_them(resnet18) -> Non
     got = chosen(TrainConfig(data="x", model="resnet18", epochs=8), stats(1438, 8), resnet18)
     assert got["batch_size"] == 64 and "22 steps per epoch" in got["reasons"]["batch_size"]
     assert got["base_lr"] == RULES["scratch_lr"]["adamw"] and "0.002 at this batch" in got["reasons"]["base_lr"]
-    assert got["img_size"] == 32 and got["scale"] == RULES["small_scale"] and got["crop_pct"] == 1.0
+    assert got["img_size"] == 32 and got["scale"] == (1.0, 1.0) and got["crop_pct"] == 1.0  # 8 epochs: whole images
     assert got["warmup_epochs"] == pytest.approx(0.4)
     config = got["config"]
     assert config.batch_size == 64 and config.base_lr == RULES["scratch_lr"]["adamw"] and config.lr is None
-    assert config.data_config == {"img_size": 32, "scale": RULES["small_scale"], "crop_pct": 1.0}
+    assert config.data_config == {"img_size": 32, "scale": (1.0, 1.0), "crop_pct": 1.0}
+
+
+@pytest.mark.parametrize("epochs, smallest", [(2, 1.0), (8, 1.0), (19, 0.8), (30, 0.6), (300, 0.6)])
+def test_small_images_are_cropped_harder_the_longer_the_run(resnet18, epochs: int, smallest: float) -> None:
+    got = chosen(TrainConfig(data="x", epochs=epochs), stats(1438, 28), resnet18)
+    assert got["scale"] == (smallest, 1.0) and f"{epochs} epochs" in got["reasons"]["scale"]
+    assert "scale" not in chosen(TrainConfig(data="x", epochs=epochs), stats(1438, 96), resnet18)  # larger images keep RandomResizedCrop's own range
 
 
 @pytest.mark.parametrize("images, batch", [(100, 16), (639, 16), (640, 32), (1438, 64), (2560, 128), (1_281_167, 128)])
@@ -83,7 +90,7 @@ def test_the_weights_card_wins_over_the_data_for_the_image_size(resnet18) -> Non
     card = ModelCard("resnet18", DataConfig(img_size=64, crop_pct=0.95))
     got = chosen(TrainConfig(data="x"), stats(1438, 8), resnet18, card=card, finetune=True)
     assert "img_size" not in got and "crop_pct" not in got  # the card states both
-    assert got["scale"] == RULES["small_scale"]  # the card says nothing of augmentation
+    assert got["scale"] == (0.6, 1.0)  # the card says nothing of augmentation: 30 epochs on 8 px images
 
 
 def test_pretraining_small_batches_use_adamw_and_the_data_sized_batch(resnet18) -> None:

@@ -186,8 +186,8 @@ def interrupted_then_resumed(data: Path, out: Path, monkeypatch, **overrides) ->
     original = Trainer.save_checkpoint
     saved_epochs = []
 
-    def save_then_interrupt(self):
-        original(self)
+    def save_then_interrupt(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         saved_epochs.append(self.state.epoch)
         if len(saved_epochs) == 2:
             raise KeyboardInterrupt
@@ -308,6 +308,31 @@ def test_failed_checkpoint_write_keeps_the_old_one(synth, tmp_path, monkeypatch)
     save_checkpoint(path, changed)
     assert load_checkpoint(path)["epoch"] == 99
     assert sorted(p.name for p in run.iterdir() if ".tmp-" in p.name) == []
+
+
+def test_the_writer_thread_writes_a_copy_the_outputs_first_and_no_checkpoint_after_a_failed_output(tmp_path) -> None:
+    from imgrec.engine.checkpoint import BackgroundWriter
+
+    writer, order = BackgroundWriter(), []
+    weights = torch.ones(3)
+    state = {"model": {"w": weights}, "epoch": 1}
+
+    def save(path, saved):
+        order.append("checkpoint")
+        torch.save(saved, path)
+
+    assert writer.write(tmp_path / "last.pt", state, save, before=lambda: order.append("outputs")) is None
+    weights.add_(1)  # training goes on changing the tensors while the thread writes
+    assert writer.wait() is None and order == ["outputs", "checkpoint"]
+    assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["w"], torch.ones(3))
+
+    def full_disk():
+        raise OSError(28, "No space left on device", str(tmp_path / "model.safetensors"))
+
+    writer.write(tmp_path / "last.pt", {**state, "epoch": 2}, save, before=full_disk)
+    failure = writer.wait()
+    assert isinstance(failure, OSError) and failure.filename.endswith("model.safetensors")
+    assert torch.load(tmp_path / "last.pt")["epoch"] == 1 and order == ["outputs", "checkpoint"]  # the checkpoint of epoch 1 stays
 
 
 # --- EMA, freezing, accumulation, mixup -------------------------------------------------------

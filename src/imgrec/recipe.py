@@ -97,7 +97,8 @@ RULES: dict[str, Any] = {
     "pretrain_warmup_max": 10.0,  # ...at most 10
     "min_size": 32,  # smallest input the recipe picks: five stride-2 stages need it
     "small_image": 64,  # images whose shorter side is at most this (scans, thumbnails): the crop rules below
-    "small_scale": (0.35, 1.0),  # RandomResizedCrop's area range for them: a crop of 8% of a 32 px image keeps nothing
+    "small_scale": ((8, 1.0), (30, 0.6)),  # RandomResizedCrop's smallest area for them, by the run's epochs: (epochs, area)
+    # points measured; linear between them, flat outside. Short runs underfit and want whole images; a crop of 8% of a 32 px image keeps nothing
     "small_crop_pct": 1.0,  # and no centre crop at eval: the object fills the frame
     "mirror": 1.0,  # no horizontal flip when mirroring moves the classes' average images more than they differ (digits, writing)
     "pretrain_lars_batch": 1024,  # self-supervised methods keep their paper's LARS only at global batches this large...
@@ -121,8 +122,17 @@ def pick_batch_size(images: int, device: torch.device) -> tuple[int, str]:
     return batch, f"{images:,} images: {images // batch} steps per epoch"
 
 
-def pick_image_size(stats: DataStats, architecture: dict[str, Any], given: dict[str, Any], card: ModelCard | None, crops: bool = True) -> list[Choice]:
-    """The input size (and, with ``crops``, the crop rules of small images) where neither the user nor the weights' card set them."""
+def small_scale(epochs: int) -> tuple[float, float]:
+    """RandomResizedCrop's area range for small images in a run of ``epochs``: ``RULES["small_scale"]``'s points, linear between them."""
+    (e0, a0), (e1, a1) = RULES["small_scale"]
+    t = min(1.0, max(0.0, (epochs - e0) / (e1 - e0)))
+    return (round(a0 + t * (a1 - a0), 2), 1.0)
+
+
+def pick_image_size(
+    stats: DataStats, architecture: dict[str, Any], given: dict[str, Any], card: ModelCard | None, crops: bool = True, epochs: int = 30
+) -> list[Choice]:
+    """The input size (and, with ``crops``, the crop rules of small images in a run of ``epochs``) where neither the user nor the weights' card set them."""
     stated = set(card.stated) if card is not None else set()
     if stats.short_side is None:
         return []
@@ -134,7 +144,9 @@ def pick_image_size(stats: DataStats, architecture: dict[str, Any], given: dict[
         choices.append(Choice("img_size", size, f"{why}; the architecture's {default} px would enlarge them {default / stats.short_side:.1f}x"))
     if crops and stats.short_side <= RULES["small_image"]:
         if "scale" not in given:
-            choices.append(Choice("scale", RULES["small_scale"], f"images of {stats.short_side} px: a crop under {RULES['small_scale'][0]:.0%} of one keeps too little"))
+            scale = small_scale(epochs)
+            why = f"images of {stats.short_side} px, {epochs} epochs: crops of at least {scale[0]:.0%} of the image"
+            choices.append(Choice("scale", scale, why + (" (short runs underfit: whole images)" if scale[0] == 1.0 else "")))
         if "crop_pct" not in given and "crop_pct" not in stated:
             choices.append(Choice("crop_pct", RULES["small_crop_pct"], f"images of {stats.short_side} px: evaluated whole, not centre-cropped"))
     return choices
@@ -181,7 +193,7 @@ def resolve_recipe(
     pretraining = isinstance(config, PretrainConfig)
     choices += pick_pretrain_optimizer(config, batch) if pretraining else pick_base_lr(config, stats, batch, finetune)
     choices += pick_warmup(config, finetune)
-    choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining)
+    choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining, epochs=config.epochs)
     choices += pick_flip(stats, config.data_config)
     fields = {c.name: c.value for c in choices if c.name in {f.name for f in dataclasses.fields(config)}}
     data = {c.name: c.value for c in choices if c.name not in fields}

@@ -54,13 +54,20 @@ class BackgroundWriter:
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
-    def write(self, path: Path, state: dict[str, Any], save: Callable[[Path, dict[str, Any]], Any] = save_checkpoint) -> OSError | None:
-        """Start writing ``state`` to ``path`` with ``save``; returns the failure of the write before, if any."""
+    def write(
+        self, path: Path, state: dict[str, Any], save: Callable[[Path, dict[str, Any]], Any] = save_checkpoint, before: Callable[[], Any] | None = None
+    ) -> OSError | None:
+        """Start writing ``state`` to ``path`` with ``save``, after ``before`` (another write, made
+        from copies: the run's model files) if given; returns the failure of the write before, if
+        any. A ``before`` that fails leaves the checkpoint unwritten too, so the checkpoint on disk
+        never records outputs that are not."""
         failed = self.wait()
         copy = snapshot(state)
 
         def run() -> None:
             try:
+                if before is not None:
+                    before()
                 save(path, copy)
             except BaseException as exc:  # re-raised (or reported, for an OSError) in the training thread
                 self.failure = exc

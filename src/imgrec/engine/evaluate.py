@@ -25,7 +25,6 @@ from imgrec.data.loader import create_loader
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
 from imgrec.models.directory import load_model_dir
-from imgrec.plots import write_confusion_png
 from imgrec.utils import write_json
 
 TOP_K = 5
@@ -184,6 +183,8 @@ def evaluate(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, metrics)
     if confusion_png is not None:
+        from imgrec.plots import write_confusion_png  # matplotlib: only for the picture, not for every training run's start
+
         write_confusion_png(metrics["confusion"], card.classes, confusion_png)
     return metrics
 

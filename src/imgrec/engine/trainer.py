@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -233,11 +233,12 @@ class Trainer:
         if self.state.skipped_steps:
             row["skipped_steps"] = self.state.skipped_steps
         self.state.epoch, self.state.step = epoch, 0
+        outputs = None
         if distributed.is_main():
             write_metrics(self.out, self.writer, row)
             self.console.print(self.task.epoch_line(row), highlight=False)
-            self.task.save(row)
-        self.save_checkpoint()
+            outputs = self.task.save(row)  # written with the checkpoint, ahead of it
+        self.save_checkpoint(before=outputs)
         self.state.skipped_files = merge_skip_logs(self.skip_log) or self.state.skipped_files  # workers are gone between epochs
         if distributed.any_rank(self.signals.requested is not None, self.device) and epoch < self.config.epochs:
             raise TrainingInterrupted(self.signals.requested or signal.SIGTERM, self.out, epoch, 0)
@@ -353,14 +354,15 @@ class Trainer:
             set_rng_state(self.state.resume_rng)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, before: Callable[[], Any] | None = None) -> None:
         """Write ``RUN/last.pt``: the task's state plus the loop's (optimizer, schedule, scaler,
         position, running sums, every rank's RNG state, config).
 
         Called by every rank (the RNG states are gathered); rank 0 writes, on a thread
         (``BackgroundWriter``: the state is copied first, and the write is finished before the
-        next optimizer update, or before the run stops). A write that fails (disk full, a vanished
-        mount) is reported and the previous checkpoint kept.
+        next optimizer update, or before the run stops), after ``before`` (the task's model files of
+        the epoch, ``Task.save``). A write that fails (disk full, a vanished mount) is reported and
+        the previous checkpoint kept.
         """
         ranks = distributed.gather_objects({"rng": rng_state(), "partial": dict(self.state.partial)})
         self.state.last_save = time.monotonic()
@@ -380,7 +382,7 @@ class Trainer:
             "world_size": distributed.world_size(),
             "config": to_dict(self.config),
         }
-        self.warn_unsaved(self.saver.write(self.out / CHECKPOINT_NAME, state, save_checkpoint))
+        self.warn_unsaved(self.saver.write(self.out / CHECKPOINT_NAME, state, save_checkpoint, before))
 
     def finish_checkpoint(self) -> None:
         """Wait for the checkpoint being written, if any (a failed write is reported, the previous one kept)."""
@@ -389,7 +391,7 @@ class Trainer:
     def warn_unsaved(self, failure: OSError | None) -> None:
         if failure is not None:
             self.console.print(
-                f"warning: could not write the checkpoint {self.out / CHECKPOINT_NAME} ({failure.strerror or failure}); "
+                f"warning: could not write {failure.filename or self.out / CHECKPOINT_NAME} ({failure.strerror or failure}); "
                 f"the previous one is kept and training goes on. Free some space in {self.out}.",
                 style="yellow",
                 highlight=False,

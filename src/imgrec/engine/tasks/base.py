@@ -95,8 +95,11 @@ class Task:
         last lr, images/s of the training steps) as the task names them, and its validation."""
         raise NotImplementedError
 
-    def save(self, row: dict[str, Any]) -> None:
-        """Rank 0, after each epoch's row is logged: write what the run produces so far."""
+    def save(self, row: dict[str, Any]) -> Callable[[], Any] | None:
+        """Rank 0, after each epoch's row is logged: what the run produces so far, as a write made
+        from copies (``checkpoint.snapshot``), which the trainer runs on its writer thread ahead of
+        the checkpoint; None when there is nothing to write."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """The task's part of a checkpoint (the trainer adds optimizer, schedule, position, RNG)."""

@@ -10,6 +10,7 @@ from the model or its EMA, whichever is better. The loop is the trainer's (``img
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from imgrec.data.loader import create_loader
 from imgrec.data.splits import load_splits
 from imgrec.data.stats import dataset_stats
 from imgrec.data.transforms import BatchNormalize, eval_transform, train_transform
+from imgrec.engine.checkpoint import snapshot
 from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.lr_find import RangeTest
 from imgrec.engine.progress import print_recipe
@@ -204,10 +206,13 @@ class ClassifyTask(Task):
             self.best = {"top1": top1, "top5": top5, "epoch": epoch, "weights": source}
         return row
 
-    def save(self, row: dict[str, Any]) -> None:
-        if self.improved:
-            weights = self.ema.module if self.best["weights"] == "ema" else self.model
-            save_model_dir(self.run.out, weights.state_dict(), self.card())
+    def save(self, row: dict[str, Any]) -> Callable[[], Any] | None:
+        """The model directory (model.safetensors, model.json) of an epoch that beat every earlier one."""
+        if not self.improved:
+            return None
+        weights = self.ema.module if self.best["weights"] == "ema" else self.model
+        state, card, out = snapshot(weights.state_dict()), self.card(), self.run.out
+        return lambda: save_model_dir(out, state, card)
 
     def card(self) -> ModelCard:
         config, best = self.config, self.best

@@ -16,6 +16,7 @@ import math
 import os
 import random
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from imgrec.data.splits import SHARD_SHUFFLE_BUFFER, load_splits
 from imgrec.data.stats import dataset_stats
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.data.views import MultiViewTransform, adjust_view
+from imgrec.engine.checkpoint import snapshot
 from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.knn import knn_scores
 from imgrec.engine.optim import BASE_LR, WEIGHT_DECAY
@@ -190,13 +192,14 @@ class PretrainTask(Task):
         metrics = classification_metrics(scores.cpu(), labels.cpu(), self.classes)
         return {"knn_top1": metrics["top1"], "knn_top5": metrics["top5"]}
 
-    def save(self, row: dict[str, Any]) -> None:
+    def save(self, row: dict[str, Any]) -> Callable[[], Any] | None:
         """The backbone's weights and card (backbone.safetensors, backbone.json), every epoch."""
         card = ModelCard(
             architecture=self.config.model, data_config=self.data_config, method=self.config.method, epochs=self.config.epochs,
             feature_dim=self.method.feature_dim, metrics={"epoch": row["epoch"], **{k: row[k] for k in ("loss", "knn_top1", "knn_top5") if k in row}},
         )  # fmt: skip
-        save_model_dir(self.run.out, self.method.backbone_state(), card, weights_name=BACKBONE_WEIGHTS, card_name=BACKBONE_CARD)
+        state, out = snapshot(self.method.backbone_state()), self.run.out
+        return lambda: save_model_dir(out, state, card, weights_name=BACKBONE_WEIGHTS, card_name=BACKBONE_CARD)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.method.state_dict()}
