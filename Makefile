@@ -35,6 +35,8 @@ bench: demo  # eval_parity.py measures the demo model
 	$(PY) benchmarks/ddp_scaling.py --gpu
 	$(PY) benchmarks/serve_load.py --run $(DEMO)
 	$(PY) benchmarks/cli_startup.py
+	$(PY) benchmarks/epoch_overheads.py
+	$(PY) benchmarks/time_to_accuracy.py $(if $(TIMM_TRAIN),--timm-train $(TIMM_TRAIN))  # TIMM_TRAIN=path/to/timm/train.py adds timm's column
 
 constraints: venv
 	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -e "^imgrec" -e "^ruff=="; } > constraints.new && mv constraints.new constraints.txt

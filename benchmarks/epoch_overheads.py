@@ -25,7 +25,6 @@ from pathlib import Path
 
 import yaml
 
-
 STACK: list[float] = []  # for each timed call in progress, the seconds of the timed calls nested in it
 
 

@@ -11,8 +11,8 @@ timm's train.py, same model, epochs and image size, each a fresh process as a us
 
 The image size is the one imgrec's recipe picks for the data (the images' own size, at least 32
 px), given explicitly to the other two. Each seed runs every side in turn (interleaved, the order
-rotated per seed); the table shows the median over the seeds of the best val top-1 over the
-epochs and of the wall time. Targets: imgrec's top-1 at least plain's best (within one val
+rotated per seed), each from a flushed disk; the table shows the median over the seeds of the
+best val top-1 over the epochs and of the wall time. Targets: imgrec's top-1 at least plain's best (within one val
 image) on every dataset, in at most 2/3 of timm's wall time.
 
     python benchmarks/time_to_accuracy.py [--datasets sklearn-digits fashion-mnist skimage-photos]
@@ -53,6 +53,11 @@ def image_size(data: Path, model: str) -> int:
 
 
 def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
+    """Run ``command``; its wall time and stdout. The disk is flushed first (untimed), so that no
+    side pays for the writes the run before it left in the page cache (timm's train.py writes a
+    checkpoint every epoch without fsync: ~1 GB for resnet18 in 8 epochs, which the kernel then
+    writes back during the next run and slows its fsyncs)."""
+    os.sync()
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode != 0:

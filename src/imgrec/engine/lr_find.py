@@ -5,10 +5,10 @@ exponentially from ``start`` to ``end``; the loss of each step, smoothed, agains
 test stops once the loss has clearly diverged, then puts the weights, the optimizer's state and
 the RNGs back as they were, so the run proper starts from the same point as without it. The
 suggestion is a tenth of the rate at which the smoothed loss is lowest (fastai's ``lr_min``):
-the loss still falls fast there, well short of where it turns up. Measured on runs from scratch
-(BENCHMARKS.md), the other common reading, half-way down the curve's longest descent ("valley"),
-picked rates 20-50x too small: a hundred steps from scratch barely move the loss at the rates
-that train best, so the descent the valley looks for starts in the flat part of the curve.
+the loss still falls fast there, well short of where it turns up. The other common reading,
+half-way down the curve's longest descent ("valley"), picked rates 2-8x below the recipe's on
+four small datasets (BENCHMARKS.md, ``benchmarks/lr_suggestions.py``), rates that trained worse
+there (``recipe_study.py``'s lr rows).
 """
 
 from __future__ import annotations

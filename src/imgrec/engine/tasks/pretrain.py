@@ -15,8 +15,8 @@ import itertools
 import math
 import os
 import random
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
