@@ -65,6 +65,13 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
     return time.perf_counter() - started, done.stdout
 
 
+def warm_up() -> None:
+    """Untimed: import what every side imports (torch, torchvision, timm, imgrec's trainer), so that
+    the first timed run does not pay alone for reading the libraries from disk and compiling
+    imgrec's bytecode (measured: the first run of a fresh checkout took 30.6 s, the next 19.8 s)."""
+    subprocess.run([sys.executable, "-c", "import torch, torchvision, timm, imgrec.engine.tasks.classify"], check=True)
+
+
 def run_imgrec(data: Path, args: argparse.Namespace, seed: int, out: Path) -> dict:
     imgrec = [str(Path(sys.executable).with_name("imgrec"))]
     seconds, _ = timed([*imgrec, "train", "--data", str(data), "--model", args.model, "--epochs", str(args.epochs), "--seed", str(seed), "--out", str(out)])
@@ -94,9 +101,22 @@ def run_timm(data: Path, args: argparse.Namespace, seed: int, size: int, lr: flo
     return {"best": max(tops), "last": tops[-1], "seconds": round(seconds, 1)}
 
 
+def run_floor(args: argparse.Namespace, size: int, data: Path) -> dict:
+    """The compute floor (``compute_floor.py``'s child, one fresh process): imports, then the bare
+    steps and evaluations of the same model, batch, image size and image counts, no data, no files."""
+    from compute_floor import CHILD
+
+    counts = {split: sum(1 for p in (data / split).rglob("*") if p.is_file()) for split in ("train", "val")}
+    classes = len([p for p in (data / "train").iterdir() if p.is_dir()])
+    settings = {"model": args.model, "images": counts["train"], "val": counts["val"], "classes": classes, "size": size, "batch": 64,
+                "epochs": args.epochs, "flush_denormal": True}  # fmt: skip
+    seconds, _ = timed([sys.executable, "-c", CHILD, json.dumps(settings)])
+    return {"best": 0.0, "last": 0.0, "seconds": round(seconds, 1)}
+
+
 def one_seed(name: str, data: Path, args: argparse.Namespace, seed: int, size: int, results: dict, work: Path) -> None:
     """Every side once for ``seed``, in an order rotated by the seed."""
-    sides = [("imgrec", None), *[("plain", lr) for lr in PLAIN_LRS], *([("timm", None)] if args.timm_train else [])]
+    sides = [("imgrec", None), *[("plain", lr) for lr in PLAIN_LRS], *([("timm", None)] if args.timm_train else []), *([("floor", None)] if args.floor else [])]
     shift = seed % len(sides)
     for side, lr in sides[shift:] + sides[:shift]:
         key = f"{name}|{args.model}|{args.epochs}|{side}|{lr}|{seed}"
@@ -106,6 +126,8 @@ def one_seed(name: str, data: Path, args: argparse.Namespace, seed: int, size: i
             results[key] = run_imgrec(data, args, seed, work / key.replace("|", "-"))
         elif side == "plain":
             results[key] = run_plain(data, args, seed, size, lr)
+        elif side == "floor":
+            results[key] = run_floor(args, size, data)
         else:
             results[key] = run_timm(data, args, seed, size, best_plain_lr(results, name, args), work / key.replace("|", "-"))
         args.json.write_text(json.dumps(results, indent=1))
@@ -128,7 +150,7 @@ def summary(results: dict, name: str, args: argparse.Namespace) -> dict:
 
     base = f"{name}|{args.model}|{args.epochs}"
     lr = best_plain_lr(results, name, args)
-    return {"imgrec": side(f"{base}|imgrec|"), "plain": {**side(f"{base}|plain|{lr}|"), "lr": lr}, "timm": side(f"{base}|timm|")}
+    return {"imgrec": side(f"{base}|imgrec|"), "plain": {**side(f"{base}|plain|{lr}|"), "lr": lr}, "timm": side(f"{base}|timm|"), "floor": side(f"{base}|floor|")}
 
 
 def main() -> None:
@@ -139,6 +161,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--timm-train", type=Path, help="timm's train.py (from its repository); without it the timm column is left out")
     parser.add_argument("--root", type=Path, default=Path("/tmp/real_datasets"))
+    parser.add_argument("--floor", action="store_true", help="also time the compute floor (compute_floor.py: imports + bare steps, no data, no files) beside the others")
     parser.add_argument("--json", type=Path, default=Path("time_to_accuracy.json"))
     args = parser.parse_args()
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -147,15 +170,18 @@ def main() -> None:
             data = args.root / name
             build(name, data)
             size = image_size(data, args.model)
+            warm_up()
             for seed in args.seeds:
                 one_seed(name, data, args, seed, size, results, Path(tmp))
     print(f"\n{args.model}, {args.epochs} epochs; median over seeds {args.seeds} of the best val top-1 and of the wall time")
     for name in args.datasets:
         s = summary(results, name, args)
-        imgrec, plain, timm = s["imgrec"], s["plain"], s["timm"]
+        imgrec, plain, timm, floor = s["imgrec"], s["plain"], s["timm"], s["floor"]
         line = f"{name:18s} imgrec {imgrec['best']:6.2f}% {imgrec['seconds']:6.1f} s | plain (lr {plain['lr']:g}) {plain['best']:6.2f}% {plain['seconds']:6.1f} s"
         if timm:
             line += f" | timm {timm['best']:6.2f}% {timm['seconds']:6.1f} s | imgrec/timm time {imgrec['seconds'] / timm['seconds']:.2f}"
+        if floor and timm:
+            line += f" | floor {floor['seconds']:.1f} s, floor/timm {floor['seconds'] / timm['seconds']:.2f}"
         print(line)
 
 
