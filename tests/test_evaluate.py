@@ -48,11 +48,12 @@ def test_metrics_match_hand_computation():
     assert metrics["top5"] == 100.0  # k = min(5, 4): every label is in the top 4 of 4
     assert metrics["loss"] == pytest.approx(manual_cross_entropy(HAND_LOGITS, HAND_LABELS), rel=1e-6)
     assert metrics["per_class"] == [
-        {"class": "cat", "n": 2, "top1": 50.0},
-        {"class": "dog", "n": 2, "top1": 100.0},
-        {"class": "fox", "n": 2, "top1": 50.0},
-        {"class": "owl", "n": 0, "top1": None},
+        {"class": "cat", "n": 2, "top1": 50.0, "recall": 50.0, "precision": 100.0, "f1": pytest.approx(200 / 3)},
+        {"class": "dog", "n": 2, "top1": 100.0, "recall": 100.0, "precision": pytest.approx(200 / 3), "f1": pytest.approx(80.0)},
+        {"class": "fox", "n": 2, "top1": 50.0, "recall": 50.0, "precision": 100.0, "f1": pytest.approx(200 / 3)},
+        {"class": "owl", "n": 0, "top1": None, "recall": None, "precision": 0.0, "f1": None},  # predicted once, wrongly
     ]
+    assert metrics["balanced_accuracy"] == pytest.approx((50 + 100 + 50) / 3)  # owl has no images: left out
     assert metrics["confusion"] == [
         [1, 1, 0, 0],
         [0, 2, 0, 0],
@@ -208,3 +209,21 @@ def test_end_to_end_folder_to_metrics(tmp_path: Path):
     assert metrics["top1"] == 60.0
     assert [c["top1"] for c in metrics["per_class"]] == [0.0, None, 100.0, None]
     assert metrics["confusion"] == [[0, 0, 2, 0], [0, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 0]]
+
+
+def test_precision_recall_f1_and_balanced_accuracy_from_the_confusion_matrix():
+    from imgrec.engine.evaluate import classification_metrics
+
+    # True classes: a a a a b b c. Predicted: a a a b b a b  (c never right, never predicted).
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 1, 1, 0, 1])
+    logits = torch.nn.functional.one_hot(predicted, 3).float()
+    metrics = classification_metrics(logits, labels, ["a", "b", "c"])
+    rows = {row["class"]: row for row in metrics["per_class"]}
+    assert rows["a"]["recall"] == pytest.approx(75.0) and rows["a"]["precision"] == pytest.approx(75.0) and rows["a"]["f1"] == pytest.approx(75.0)
+    assert rows["b"]["recall"] == pytest.approx(50.0) and rows["b"]["precision"] == pytest.approx(100 / 3)
+    assert rows["b"]["f1"] == pytest.approx(2 * 50 * (100 / 3) / (50 + 100 / 3))
+    assert (rows["c"]["recall"], rows["c"]["precision"], rows["c"]["f1"]) == (0.0, 0.0, 0.0)
+    assert metrics["balanced_accuracy"] == pytest.approx((75 + 50 + 0) / 3)
+    assert metrics["top1"] == pytest.approx(100 * 4 / 7)
+    assert metrics["macro_f1"] == pytest.approx((75 + rows["b"]["f1"]) / 3)

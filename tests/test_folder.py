@@ -186,14 +186,18 @@ def test_class_folder_without_images_is_dataset_error(tmp_path):
     assert "full" not in message.split(":")[-1].split(".")[0]
 
 
-def test_load_splits_without_val_is_dataset_error(tmp_path):
+def test_a_root_without_val_needs_two_images_in_a_class_to_hold_one_out(tmp_path):
     root = tmp_path / "imagenet"
     save_image(root / "train" / "a" / "x.jpg")
     with pytest.raises(DatasetError) as info:
         load_splits(root)
     message = str(info.value)
     assert str(root) in message
-    assert "no val/ folder" in message
+    assert "--val-split 0" in message
+    only_val = tmp_path / "only-val"
+    save_image(only_val / "val" / "a" / "x.jpg")
+    with pytest.raises(DatasetError, match="no train/ folder"):
+        load_splits(only_val)
     with pytest.raises(DatasetError, match="does not exist"):
         split_dirs(tmp_path / "missing")
 

@@ -98,7 +98,7 @@ class LoopConfig:
 
     OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("adamw", "sgd")
 
-    data: str = option("", "dataset root holding train/<class>/ and val/<class>/ (or train/ and val/ folders of shards), or a shard pattern/URL")
+    data: str = option("", "dataset root holding train/<class>/ and val/<class>/ (or train/ and val/ folders of shards), class folders alone (a val split is drawn), a flat folder with --labels, or a shard pattern/URL")
     val_data: str | None = option(None, "validation shards, when --data is a shard pattern, pipe: command or URL")
     model: str = option("resnet50", "timm architecture, e.g. resnet50 (`imgrec models` lists them)")
     out: str = option("runs/train", "run directory")
@@ -163,8 +163,16 @@ class TrainConfig(LoopConfig):
     cutmix: float = option(0.0, "cutmix alpha: Beta(alpha, alpha) (0 = off)")
     clip_grad: float | None = option(None, "max global gradient norm")
     ema_decay: float | None = option(None, "keep an EMA of the weights with this decay, e.g. 0.9998")
+    labels: str | None = option(None, "labels of a flat --data folder of images: a filename,class CSV (any header, e.g. Kaggle's id,label) or a JSON {filename: class}", metavar="FILE")
+    balance: str | None = option(
+        None, "even out imbalanced classes: sampler (each class drawn equally often) or loss (each class's loss weighted by its rarity)", choices=("sampler", "loss")
+    )
+    val_split: float = option(0.1, "where --data has no val/: the fraction of each class held out for validation, drawn by --seed and kept in the run's split.json")
     pretrained: str | None = option(
-        None, "start from local weights (.safetensors/.pth) or a run directory (imgrec pretrain: its backbone)", metavar="FILE_OR_RUN"
+        None,
+        "start from weights: a timm tag (resnet50.a1_in1k; an architecture alone: its default tag) or hf-hub:ORG/REPO through the "
+        "Hugging Face cache, a local .safetensors/.pth file, or a run directory (imgrec pretrain: its backbone)",
+        metavar="NAME_OR_FILE",
     )
     freeze_backbone: bool = option(False, "train only the classifier")
     layer_decay: float | None = option(None, "layer-wise lr decay for fine-tuning, e.g. 0.75: each block gets this factor of the next one's rate")
@@ -178,6 +186,8 @@ class TrainConfig(LoopConfig):
             raise ValueError("opt must be one of adamw, sgd")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val_split must be in [0, 1), got {self.val_split}: the fraction of each class held out where the data has no val/")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
 

@@ -23,6 +23,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--submission", metavar="CSV", help="also write one row per image, its file (relative to the folder given) and top class: a submission file")
+    p.add_argument("--submission-header", default="filename,label", metavar="COLUMNS", help="the submission's header line, e.g. id,label (default filename,label)")
     add_inference_flags(p, batch_size=32)
     add_backend_flag(p)
     p.set_defaults(handler=run_predict)
@@ -91,6 +93,9 @@ def run_predict(args: argparse.Namespace) -> int:
         print_csv(predictions)
     else:
         print_table(predictions, args.topk)
+    if args.submission:
+        write_submission(predictions, args.paths, args.submission, args.submission_header)
+        print(f"submission: {args.submission} ({sum(p.error is None for p in predictions)} rows)", file=sys.stderr)
     failed = sum(p.error is not None for p in predictions)
     if failed:
         print(f"{failed} of {len(predictions)} input(s) could not be predicted", file=sys.stderr)
@@ -107,6 +112,26 @@ def print_csv(predictions: list) -> None:
             writer.writerow([p.source, "", "", "", p.error])
         for rank, (label, prob) in enumerate(zip(p.labels, p.probs), start=1):
             writer.writerow([p.source, rank, label, f"{prob:.6f}", ""])
+
+
+def write_submission(predictions: list, paths: list[str], out: str, header: str) -> None:
+    """``header`` then ``file,top class`` per predicted image; a file is named relative to the
+    folder it was found in when one folder was given (as a competition's sample file lists them)."""
+    import csv
+
+    columns = [c.strip() for c in header.split(",")]
+    if len(columns) != 2 or not all(columns):
+        raise ValueError(f"--submission-header must name two columns, e.g. id,label; got {header!r}")
+    folder = Path(paths[0]) if len(paths) == 1 and Path(paths[0]).is_dir() else None
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        for p in predictions:
+            if p.error is None:
+                source = Path(p.source)
+                name = source.relative_to(folder).as_posix() if folder is not None and source.is_relative_to(folder) else p.source
+                writer.writerow([name, p.labels[0]])
 
 
 def print_table(predictions: list, topk: int) -> None:

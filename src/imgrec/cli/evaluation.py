@@ -68,15 +68,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def print_metrics(metrics: dict) -> None:
     per_class = Table(title="per class", title_justify="left")
-    for name in ("class", "images", "top-1 %"):
+    for name in ("class", "images", "top-1 (recall) %", "precision %", "F1 %"):
         per_class.add_column(name, justify="left" if name == "class" else "right")
     for row in metrics["per_class"]:
-        per_class.add_row(row["class"], str(row["n"]), "-" if row["top1"] is None else f"{row['top1']:.2f}")
+        per_class.add_row(row["class"], str(row["n"]), *("-" if row.get(k) is None else f"{row[k]:.2f}" for k in ("top1", "precision", "f1")))
     console.print(per_class)
     for skipped in metrics.get("skipped", []):
         console.print(f"skipped {skipped['path']}: {skipped['reason']}", style="yellow", highlight=False)
     console.print(
-        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  balanced accuracy {metrics['balanced_accuracy']:.2f}%  "
+        f"macro F1 {metrics['macro_f1']:.2f}%  loss {metrics['loss']:.4f}  "
         f"{metrics['n']} images  {metrics['images_per_s']:.1f} images/s",
         style="bold",
         highlight=False,

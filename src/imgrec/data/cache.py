@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +214,9 @@ class CachedTrainLoader:
 
     num_workers = 0
 
-    def __init__(self, cache: ImageCache, crop: BatchedRandomResizedCrop, *, batch_size: int, seed: int):
+    def __init__(self, cache: ImageCache, crop: BatchedRandomResizedCrop, *, batch_size: int, seed: int, weights: Sequence[float] | None = None):
         self.cache, self.crop, self.batch_size = cache, crop, batch_size
-        self.sampler = EpochSampler(len(cache), seed=seed, rank=distributed.rank(), world=distributed.world_size())
+        self.sampler = EpochSampler(len(cache), seed=seed, rank=distributed.rank(), world=distributed.world_size(), weights=weights)
         self.dataset = _Epoch(seed)
         self.generator = torch.Generator()  # the trainer seeds it each epoch; nothing here draws from it
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,8 @@ def read_labels_file(path: str | os.PathLike, classes: list[str], image_dir: str
         raise DatasetError(
             f"image folder {image_dir} does not exist or is not a folder: pass the folder the labels file describes"
         )
+    if path.suffix.lower() == ".json":
+        return _read_json(path, classes, image_dir)
     lines = path.read_text(encoding="utf-8-sig").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -101,7 +104,7 @@ def _read_csv(path: Path, lines: list[str], classes: list[str], image_dir: Path)
         fields = [field.strip() for field in row]
         if not any(fields):
             continue
-        if not samples and [f.lower() for f in fields] == ["filename", "class"]:
+        if not samples and not seen and _is_header(fields, image_dir):
             continue
         if len(fields) != 2:
             raise ValueError(f"{path}, line {number}: expected 2 columns filename,class, got {len(fields)}: {','.join(row)!r}")
@@ -126,6 +129,52 @@ def _read_csv(path: Path, lines: list[str], classes: list[str], image_dir: Path)
     if not samples:
         raise ValueError(f"labels file {path} is empty: it has a header but no filename,class lines")
     return samples
+
+
+HEADER_NAMES = {"class", "label", "labels", "category", "target", "y", "species", "breed"}  # a CSV's class column, as Kaggle's files name it
+
+
+def _is_header(fields: list[str], image_dir: Path) -> bool:
+    """A first CSV row that names the columns (``filename,class``, ``id,label``...), not an image."""
+    return len(fields) == 2 and fields[1].lower() in HEADER_NAMES and not (image_dir / fields[0]).is_file()
+
+
+def labels_file_classes(path: str | os.PathLike, image_dir: str | os.PathLike) -> list[str]:
+    """The classes a ``filename,class`` CSV (or JSON ``{"filename": "class"}``) names, sorted (as
+    numbers where every class is an integer, so that class "10" follows "9")."""
+    path, image_dir = Path(path), Path(image_dir)
+    if not path.is_file():
+        raise ValueError(f"labels file {path} does not exist: pass a filename,class CSV or a JSON object of filename: class")
+    if path.suffix.lower() == ".json":
+        values = {str(v) for v in _json_pairs(path).values()}
+    else:
+        rows = [[f.strip() for f in row] for row in csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))) if any(f.strip() for f in row)]
+        if rows and _is_header(rows[0], image_dir):
+            rows = rows[1:]
+        bad = next((i for i, row in enumerate(rows, 1) if len(row) != 2), None)
+        if bad is not None or not rows:
+            raise ValueError(f"{path}: to train from a labels file it must be a filename,class CSV (row {bad or 1} is not)")
+        values = {row[1] for row in rows}
+    numeric = all(v.lstrip("-").isdigit() for v in values)
+    return sorted(values, key=lambda v: (int(v), v) if numeric else (0, v))
+
+
+def _json_pairs(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"labels file {path} is not valid JSON ({exc})") from None
+    if isinstance(data, list) and all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in data):
+        data = dict(data)
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f'labels file {path} must hold a JSON object {{"filename": "class", ...}} (or a list of [filename, class] pairs)')
+    return data
+
+
+def _read_json(path: Path, classes: list[str], image_dir: Path) -> list[tuple[str, int]]:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows((name, str(label)) for name, label in _json_pairs(path).items())  # quoted where a name holds a comma
+    return _read_csv(path, buffer.getvalue().splitlines(), classes, image_dir)
 
 
 def _class_index(value: str, class_to_idx: dict[str, int], classes: list[str], *, where: str) -> int:
@@ -210,4 +259,4 @@ def evaluation_dataset(
     return LabelledFiles(samples, classes, transform, root=root, **dataset_options)
 
 
-__all__ = ["LabelledFiles", "evaluation_dataset", "read_labels_file"]
+__all__ = ["LabelledFiles", "evaluation_dataset", "labels_file_classes", "read_labels_file"]

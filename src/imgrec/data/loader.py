@@ -60,7 +60,8 @@ def create_loader(
     if not isinstance(dataset, IterableDataset):  # shards shuffle and split themselves
         rank, world = (0, 1) if every_rank_reads_all else (distributed.rank(), distributed.world_size())
         if train or world > 1:
-            sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world=world, shuffle=train, drop_last=train)
+            weights = getattr(dataset, "sample_weights", None) if train else None  # a class-balanced epoch, where asked
+            sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world=world, shuffle=train, drop_last=train, weights=weights)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

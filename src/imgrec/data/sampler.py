@@ -9,7 +9,7 @@ already read (``skip``) and read the rest in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -21,13 +21,20 @@ class EpochSampler(Sampler[int]):
     ``shuffle`` draws a new permutation each epoch (``set_epoch``); without it the order is the
     dataset's. ``drop_last`` (training) cuts the epoch to a multiple of ``world`` so that every
     rank reads as many images; without it (evaluation) the ranks' shares partition the dataset,
-    each index read exactly once, and differ in size by at most one.
+    each index read exactly once, and differ in size by at most one. With ``weights`` (one per
+    index) an epoch is ``length`` indices drawn with replacement in proportion to them, from the
+    same (seed, epoch) generator: a class-balanced epoch (``class_balanced_weights``).
     """
 
-    def __init__(self, length: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, drop_last: bool = True):
+    def __init__(
+        self, length: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, drop_last: bool = True, weights: Sequence[float] | None = None
+    ):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, {world})")
+        if weights is not None and len(weights) != length:
+            raise ValueError(f"{len(weights)} sampling weights for {length} images")
         self.length, self.seed, self.rank, self.world = length, seed, rank, world
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.skipped = 0, 0
 
@@ -43,6 +50,8 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(self.length))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.length, replacement=True, generator=generator).tolist()
         return torch.randperm(self.length, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
@@ -58,4 +67,12 @@ class EpochSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world))
 
 
-__all__ = ["EpochSampler"]
+def class_balanced_weights(labels: Sequence[int]) -> list[float]:
+    """One weight per image, the inverse of its class's count: every class drawn equally often."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return [1.0 / counts[label] for label in labels]
+
+
+__all__ = ["EpochSampler", "class_balanced_weights"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from imgrec.data.folder import DEFAULT_MAX_BAD_FRACTION, SkipLog
 from imgrec.data.labels import evaluation_dataset
+from imgrec.data.splits import SPLIT_FILE, recorded_val
 from imgrec.data.loader import create_loader
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
@@ -68,7 +69,8 @@ def collect_logits(
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Top-1/top-5 accuracy (percent), mean cross-entropy, per-class top-1 and the confusion matrix.
+    """Top-1/top-5 accuracy (percent), balanced accuracy and macro F1 (over the classes present),
+    mean cross-entropy, per-class top-1 (= recall), precision and F1, and the confusion matrix.
 
     Top-5 uses ``k = min(5, C)``, so with five classes or fewer it is 100. The predicted class is
     the first index of ``torch.topk``, the same one top-1 counts, so the confusion matrix's
@@ -86,16 +88,18 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         num_classes, num_classes
     )
     per_class_n = confusion.sum(dim=1).tolist()
+    per_class_predicted = confusion.sum(dim=0).tolist()
     per_class_correct = confusion.diagonal().tolist()
+    per_class = [class_scores(*counts) for counts in zip(classes, per_class_n, per_class_predicted, per_class_correct, strict=True)]
+    present = [row for row in per_class if row["n"]]
     return {
         "n": int(n),
         "top1": 100.0 * int(hits[:, 0].sum()) / n,
         "top5": 100.0 * int(hits.any(dim=1).sum()) / n,
+        "balanced_accuracy": sum(row["recall"] for row in present) / len(present),  # the mean recall of the classes present
+        "macro_f1": sum(row["f1"] for row in present) / len(present),
         "loss": float(F.cross_entropy(logits, labels)),
-        "per_class": [
-            {"class": name, "n": count, "top1": 100.0 * correct / count if count else None}
-            for name, count, correct in zip(classes, per_class_n, per_class_correct, strict=True)
-        ],
+        "per_class": per_class,
         "confusion": confusion.tolist(),
     }
 
@@ -133,6 +137,15 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]
         )
 
 
+def class_scores(name: str, count: int, predicted: int, correct: int) -> dict[str, Any]:
+    """One class's row, in percent: top-1 (its images predicted right, which is its recall),
+    precision (its predictions that are right), F1; None where there is nothing to divide by."""
+    recall = 100.0 * correct / count if count else None
+    precision = 100.0 * correct / predicted if predicted else (0.0 if count else None)  # never predicted: 0, as scikit-learn counts it
+    f1 = None if not count else (2 * precision * recall / (precision + recall) if correct else 0.0)
+    return {"class": name, "n": count, "top1": recall, "recall": recall, "precision": precision, "f1": f1}
+
+
 def evaluate(
     run: str | os.PathLike,
     data: str | os.PathLike,
@@ -150,7 +163,8 @@ def evaluate(
     """Evaluate the model directory ``run`` on ``data``; returns ``classification_metrics`` plus timing.
 
     ``data`` is an ImageFolder (or a dataset root, whose ``val/`` is used), or a flat folder with a
-    ``labels`` file. The result adds ``images_per_s`` (model and loading together), ``seconds`` and
+    ``labels`` file. A root without ``val/`` that the run drew its split from gives that split's
+    val images (the run's split.json), not every image. The result adds ``images_per_s`` (model and loading together), ``seconds`` and
     ``skipped`` (unreadable files, each with its reason); ``json_path`` and ``confusion_png``
     write it to disk. Unreadable files are left out; more than ``max_bad_fraction`` of them is an error.
     ``loader`` is the eval pipeline: ``fast`` (decode-and-crop) or ``standard`` (torchvision's).
@@ -163,9 +177,9 @@ def evaluate(
     model.to(dev, memory_format=torch.channels_last)
     skip_log = SkipLog()
     try:
-        dataset = evaluation_dataset(
-            data, card.classes, eval_transform(card.data_config, loader), labels=labels, skip_log=skip_log, max_bad_fraction=max_bad_fraction
-        )
+        transform, options = eval_transform(card.data_config, loader), {"skip_log": skip_log, "max_bad_fraction": max_bad_fraction}
+        held_out = recorded_val(data, Path(run) / SPLIT_FILE, card.classes, transform, **options)  # the images the run held out of this folder
+        dataset = held_out or evaluation_dataset(data, card.classes, transform, labels=labels, **options)
         batches = create_loader(dataset, batch_size=batch_size, train=False, num_workers=workers, skip_none=True, channels_last=True)
         normalize = BatchNormalize.from_config(card.data_config, channels_last=True).to(dev)
         started = time.perf_counter()

@@ -30,6 +30,7 @@ import torch
 from imgrec.card import ModelCard
 from imgrec.data.decode import BadImageError, load_sample
 from imgrec.data.folder import iter_image_files
+from imgrec.data.splits import SPLIT_FILE, SplitRecord
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.inference.backends import get_backend
 from imgrec.inference.backends.base import metadata
@@ -129,6 +130,11 @@ def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
 
 def parity_files(run: Path, images: str | os.PathLike | None, count: int, seed: int) -> list[Path]:
     """Up to ``count`` image files (a seeded sample) from ``images`` or the run's val split."""
+    if images is None and (run / SPLIT_FILE).is_file():  # a split drawn from a root without val/: its val images
+        split = SplitRecord.read(run / SPLIT_FILE)
+        files = [Path(split.root, name) for name, _ in split.val if Path(split.root, name).is_file()]
+        if files:
+            return sorted(random.Random(seed).sample(files, count)) if len(files) > count else files
     if images is None:
         config = run / "config.yaml"
         data = None

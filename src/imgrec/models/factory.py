@@ -1,10 +1,12 @@
-"""timm models by name, with pretrained weights from a local file only.
+"""timm models by name, with pretrained weights from a local file, a run or the hub by name.
 
 ``create_model("resnet50", num_classes=10, pretrained="resnet50.safetensors")`` builds the timm
 architecture and loads the file, in timm's key layout or torchvision's (timm ships converters for
-the architectures whose layouts differ). A classifier whose class count differs from the file's
-is re-initialised; every other missing or unexpected key is an error that lists them, because a
-silently half-loaded backbone trains, but badly. Nothing here touches the network.
+the architectures whose layouts differ). ``pretrained`` may also name weights (``resnet50.a1_in1k``,
+``hf-hub:ORG/REPO``), found through the Hugging Face Hub's cache (``imgrec.models.hub``). A
+classifier whose class count differs from the file's is re-initialised; every other missing or
+unexpected key is an error that lists them, because a silently half-loaded backbone trains, but
+badly.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import difflib
 import importlib
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +23,30 @@ import timm
 import torch
 
 from imgrec.card import BACKBONE_CARD, BACKBONE_WEIGHTS, MODEL_CARD, MODEL_WEIGHTS, ModelCard
+from imgrec.models.hub import WeightsError, fetch_weights, is_weights_name, sha256_of
 
 # Names under which timm's model modules keep their converters from other key layouts.
 _FILTER_FUNCTIONS = ("checkpoint_filter_fn", "_filter_fn", "_filter_torchvision_pretrained")
 
 
-class WeightsError(ValueError):
-    """A weights file that cannot be loaded into the requested model."""
+@dataclass
+class Weights:
+    """Pretrained weights found: the file, its card (a run's, or the hub config's preprocessing;
+    None for a bare file) and where they came from, as the run's model card records it."""
+
+    path: Path
+    card: ModelCard | None
+    source: dict[str, str] = field(default_factory=dict)
 
 
-def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | None = None, **kwargs: Any) -> torch.nn.Module:
-    """A timm model ``name`` with a ``num_classes``-way head, optionally loaded from a local file.
+def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | Weights | None = None, **kwargs: Any) -> torch.nn.Module:
+    """A timm model ``name`` with a ``num_classes``-way head, optionally loaded with weights.
 
     ``pretrained`` is a .safetensors file, or a .pth/.pt file holding a state dict or a
-    checkpoint dict with one (under ``state_dict``, ``model``, ``state_dict_ema``...), or a run
-    directory of ``imgrec pretrain`` (its backbone) or ``imgrec train`` (its model). Other
-    keyword arguments go to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
+    checkpoint dict with one (under ``state_dict``, ``model``, ``state_dict_ema``...), a run
+    directory of ``imgrec pretrain`` (its backbone) or ``imgrec train`` (its model), a weights
+    name (``locate_weights``) or what ``locate_weights`` found. Other keyword arguments go to
+    ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
     """
     known = timm.list_models()
     if name not in known:
@@ -46,7 +56,7 @@ def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | No
         raise ValueError(f"unknown model {name!r}.{hint}")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained is not None:
-        load_pretrained(model, resolve_weights(pretrained)[0])
+        load_pretrained(model, (pretrained if isinstance(pretrained, Weights) else locate_weights(pretrained)).path)
     return model
 
 
@@ -104,24 +114,43 @@ RUN_WEIGHTS = ((BACKBONE_WEIGHTS, BACKBONE_CARD), (MODEL_WEIGHTS, MODEL_CARD))
 
 
 def resolve_weights(path: str | os.PathLike) -> tuple[Path, ModelCard | None]:
-    """(weights file, its card or None) for a weights file or a run directory.
+    """(weights file, its card or None) for a weights file, a run directory or a weights name."""
+    found = locate_weights(path)
+    return found.path, found.card
+
+
+def locate_weights(spec: str | os.PathLike) -> Weights:
+    """The weights ``spec`` stands for: a local file or run directory, else hub weights by name
+    (``resnet50.a1_in1k``, a bare ``resnet50`` for timm's default tag, ``hf-hub:ORG/REPO``; see
+    ``imgrec.models.hub``).
 
     A directory of ``imgrec pretrain`` gives its backbone.safetensors, one of ``imgrec train``
     its model.safetensors, with the card (architecture, preprocessing) beside it; such a file
-    named directly comes with its card too, any other file with none.
+    named directly comes with its card too, any other file with none; hub weights come with the
+    preprocessing of their pretrained config.
     """
-    path = Path(path)
+    path = Path(spec)
     if path.is_dir():
         for weights, card in RUN_WEIGHTS:
             if (path / weights).is_file():
-                return path / weights, ModelCard.read(path / card) if (path / card).is_file() else None
+                file = path / weights
+                return Weights(file, ModelCard.read(path / card) if (path / card).is_file() else None, _file_source(spec, file))
         raise WeightsError(f"{path} holds no {BACKBONE_WEIGHTS} (imgrec pretrain) or {MODEL_WEIGHTS} (imgrec train): pass a run directory or a weights file")
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist (pretrained weights must be a local file or run directory)")
+        if is_weights_name(spec):
+            hub = fetch_weights(str(spec))
+            return Weights(hub.path, hub.card, hub.source)
+        raise WeightsError(
+            f"weights {spec} does not exist: not a local file or run directory, nor a name of pretrained weights "
+            f"(a timm tag such as resnet50.a1_in1k, `imgrec weights list PATTERN`, or hf-hub:ORG/REPO)"
+        )
     beside = dict(RUN_WEIGHTS).get(path.name)  # RUN/backbone.safetensors named as a file: its backbone.json still counts
-    if beside and (path.parent / beside).is_file():
-        return path, ModelCard.read(path.parent / beside)
-    return path, None
+    card = ModelCard.read(path.parent / beside) if beside and (path.parent / beside).is_file() else None
+    return Weights(path, card, _file_source(spec, path))
+
+
+def _file_source(spec: str | os.PathLike, file: Path) -> dict[str, str]:
+    return {"name": str(spec), "file": str(file.resolve()), "sha256": sha256_of(file)}
 
 
 def _match_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -185,4 +214,4 @@ def count_params(name: str) -> int:
         return -1
 
 
-__all__ = ["ModelInfo", "WeightsError", "classifier_keys", "create_model", "count_params", "list_architectures", "load_pretrained", "read_state_dict", "resolve_weights"]
+__all__ = ["ModelInfo", "Weights", "WeightsError", "classifier_keys", "create_model", "count_params", "list_architectures", "load_pretrained", "locate_weights", "read_state_dict", "resolve_weights"]

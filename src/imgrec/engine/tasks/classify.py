@@ -22,7 +22,8 @@ from imgrec.config import TrainConfig
 from imgrec.data.cache import BatchedRandomResizedCrop, CachedEvalLoader, CachedTrainLoader, ImageCache, cache_plan, cache_side
 from imgrec.data.folder import read_class_names, take_fraction, write_class_index
 from imgrec.data.loader import create_loader
-from imgrec.data.splits import load_splits
+from imgrec.data.sampler import class_balanced_weights
+from imgrec.data.splits import SPLIT_FILE, load_splits
 from imgrec.data.stats import dataset_stats
 from imgrec.data.transforms import BatchNormalize, eval_transform, train_transform
 from imgrec.engine.checkpoint import snapshot
@@ -33,7 +34,7 @@ from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Tas
 from imgrec.engine.trainer import Trainer, run_task, start_or_resume
 from imgrec.hardware import DTYPES, autocast
 from imgrec.models.directory import save_model_dir
-from imgrec.models.factory import create_model, resolve_weights
+from imgrec.models.factory import Weights, create_model, locate_weights
 from imgrec.recipe import resolve_data_config, resolve_recipe
 
 
@@ -66,6 +67,7 @@ class ClassifyTask(Task):
 
     def __init__(self, config: TrainConfig, run: RunContext):
         self.config, self.run = config, run
+        self.pretrained_source: dict[str, str] = {}  # the starting weights' name, file and SHA-256, for the card
         self.load_data()
         self.model = self.module = self.saved = self.build_model()
         config = self.config  # the recipe's choices filled in
@@ -85,7 +87,7 @@ class ClassifyTask(Task):
             from timm.data import Mixup
 
             self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing, num_classes=len(self.classes))
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, weight=self.class_weights())
         self.best: dict[str, Any] = {"top1": -1.0}
         self.improved = False
 
@@ -93,7 +95,15 @@ class ClassifyTask(Task):
         """The train and val splits, their classes (checked against a resumed run's) and class names."""
         config, run = self.config, self.run
         options = {k: config.data_config[k] for k in ("max_pixels", "max_bad_fraction") if k in config.data_config}
-        self.splits = load_splits(config.data, val_root=config.val_data, seed=config.seed, skip_log=run.skip_log, **options)
+        record = run.out / SPLIT_FILE
+        self.splits = load_splits(
+            config.data, val_root=config.val_data, seed=config.seed, skip_log=run.skip_log, val_split=config.val_split, split_record=record,
+            labels=config.labels, **options,
+        )  # fmt: skip
+        if self.splits.note:
+            run.console.print(self.splits.note, highlight=False)
+        if self.splits.record is not None and not record.is_file() and distributed.is_main():
+            self.splits.record.write(record)  # resume, evaluate and the report take the same images
         self.class_names = read_class_names(config.data)
         self.classes = self.splits.classes
         if run.checkpoint is not None and run.checkpoint["classes"] != self.classes:
@@ -101,11 +111,17 @@ class ClassifyTask(Task):
                 f"the classes in {config.data} ({len(self.classes)}) differ from those of the run in {run.out} "
                 f"({len(run.checkpoint['classes'])}): resume with the dataset the run was started on"
             )
-        self.splits.val.replace_bad = False  # validation counts each readable image once
+        if self.splits.val is not None:
+            self.splits.val.replace_bad = False  # validation counts each readable image once
         if config.train_fraction < 1:
             take_fraction(self.splits.train, config.train_fraction, config.seed)
         self.train_set = self.splits.train
         self.stats = dataset_stats(self.train_set, seed=config.seed)
+        if config.balance and not hasattr(self.train_set, "samples"):
+            raise ValueError(f"--balance {config.balance} needs the labels ahead (a folder dataset); {config.data} is read as shards")
+        run.console.print(balance_line(self.stats, config.balance), highlight=False)
+        if config.balance == "sampler":
+            self.train_set.sample_weights = class_balanced_weights([label for _, label in self.train_set.samples])
         if distributed.is_main():
             write_class_index(run.out / "classes.json", self.classes)
 
@@ -115,8 +131,10 @@ class ClassifyTask(Task):
         data > the architecture's) and transforms, on the device."""
         config, run = self.config, self.run
         # The weights come from the checkpoint on resume: the pretrained file is not needed (nor read) again.
-        pretrained = config.pretrained if run.checkpoint is None else None
+        pretrained = locate_weights(config.pretrained) if config.pretrained and run.checkpoint is None else None
         card = pretrained_card(pretrained, config.model)
+        if pretrained is not None:
+            self.pretrained_source = pretrained.source
         model_options = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
         model = create_model(config.model, num_classes=len(self.classes), pretrained=pretrained, **model_options)
         if run.checkpoint is None:  # a resumed run's config holds every choice already
@@ -126,7 +144,8 @@ class ClassifyTask(Task):
         check_mixup(config, len(self.train_set))
         self.data_config = resolve_data_config(model, card=card, **config.data_config)
         self.splits.train.transform = train_transform(self.data_config, config.loader)
-        self.splits.val.transform = eval_transform(self.data_config, config.loader)
+        if self.splits.val is not None:
+            self.splits.val.transform = eval_transform(self.data_config, config.loader)
         if config.freeze_backbone:
             freeze_backbone(model)
         return model.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
@@ -140,22 +159,29 @@ class ClassifyTask(Task):
             side = cache_side(dc.img_size, self.stats.short_side)
             self.cache = ImageCache(self.splits.train, side=side, interpolation=dc.interpolation, device=run.device, workers=config.workers)
             self.crop = BatchedRandomResizedCrop(dc.img_size, scale=dc.scale, ratio=dc.ratio, hflip=dc.hflip, interpolation=dc.interpolation)
-            self.val_loader = CachedEvalLoader(self.splits.val, batch_size=config.batch_size, device=run.device, workers=config.workers, channels_last=run.channels_last)
+            self.val_loader = None if self.splits.val is None else CachedEvalLoader(self.splits.val, batch_size=config.batch_size, device=run.device, workers=config.workers, channels_last=run.channels_last)
             run.console.print(f"data: {len(self.cache):,} training images decoded once into memory ({why}), augmented in batches on {run.device.type}; no loader processes", highlight=False)
             return
-        self.val_loader = create_loader(
+        self.val_loader = None if self.splits.val is None else create_loader(
             self.splits.val, batch_size=config.batch_size, train=False, num_workers=config.workers, skip_none=True, channels_last=run.channels_last
         )
         run.console.print(f"data: read from the files each epoch by loader processes ({why})", highlight=False)
 
     def make_train_loader(self, config: TrainConfig, device: torch.device, channels_last: bool) -> Any:
         if self.cache is not None:
-            return CachedTrainLoader(self.cache, self.crop, batch_size=config.batch_size, seed=config.seed)
+            return CachedTrainLoader(self.cache, self.crop, batch_size=config.batch_size, seed=config.seed, weights=getattr(self.train_set, "sample_weights", None))
         return super().make_train_loader(config, device, channels_last)
 
     def optimizer_settings(self) -> OptimizerSettings:
         config = self.config
         return OptimizerSettings(config.opt, config.base_lr, config.weight_decay, layer_decay=config.layer_decay, clip_grad=config.clip_grad)
+
+    def class_weights(self) -> torch.Tensor | None:
+        """``--balance loss``: each class weighted by images / (classes x its images) (mean 1 over the images)."""
+        if self.config.balance != "loss":
+            return None
+        counts = torch.bincount(torch.tensor([label for _, label in self.train_set.samples]), minlength=len(self.classes)).double()
+        return (counts.sum() / (len(self.classes) * counts.clamp(min=1))).float().to(self.run.device)
 
     def train_mode(self) -> None:
         self.model.train()
@@ -189,7 +215,11 @@ class ClassifyTask(Task):
 
     def validate(self, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
         """The epoch's row; the model and, with an EMA, its average are scored, and the better one is
-        the run's best when it beats every earlier epoch's (``save`` then writes it)."""
+        the run's best when it beats every earlier epoch's (``save`` then writes it). Without a
+        validation set (``val_split`` 0) every epoch is saved: the model directory holds the last."""
+        if self.val_loader is None:
+            self.improved, self.best = True, {"top1": None, "top5": None, "epoch": epoch, "weights": "model"}
+            return {"train_loss": stats["loss"], "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 2)}
         metrics = self.evaluate()
         row = {
             "train_loss": stats["loss"], "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["top5"],
@@ -201,7 +231,7 @@ class ClassifyTask(Task):
             row["ema_top1"] = ema_metrics["top1"]
             candidates.append(("ema", ema_metrics["top1"], ema_metrics["top5"]))
         source, top1, top5 = max(candidates, key=lambda c: c[1])
-        self.improved = top1 > self.best["top1"]
+        self.improved = self.best["top1"] is None or top1 > self.best["top1"]
         if self.improved:
             self.best = {"top1": top1, "top5": top5, "epoch": epoch, "weights": source}
         return row
@@ -219,7 +249,8 @@ class ClassifyTask(Task):
         names = {c: self.class_names.get(c, c) for c in self.classes} if self.class_names else {}
         return ModelCard(
             architecture=config.model, data_config=self.data_config, classes=list(self.classes), class_names=names,
-            metrics={"top1": best["top1"], "top5": best["top5"], "epoch": best["epoch"]}, weights=best["weights"], pretrained=config.pretrained,
+            metrics={k: best[k] for k in ("top1", "top5", "epoch") if best.get(k) is not None}, weights=best["weights"], pretrained=config.pretrained,
+            pretrained_source=dict(self.pretrained_source),
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,6 +259,7 @@ class ClassifyTask(Task):
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "best": self.best,
             "classes": self.classes,
+            "pretrained_source": self.pretrained_source,  # the weights' name and SHA-256 stay in the card after a resume
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -235,24 +267,42 @@ class ClassifyTask(Task):
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
         self.best = checkpoint["best"]
+        self.pretrained_source = dict(checkpoint.get("pretrained_source") or {})
 
     def start_line(self, batch: str, lr: float) -> str:
         config, run = self.config, self.run
         return (
             f"training {config.model} on {len(self.splits.train)} images ({len(self.classes)} classes), "
-            f"validating on {len(self.splits.val)}; {run.device.type}, {run.precision}, "
+            f"{'validating on ' + str(len(self.splits.val)) if self.splits.val is not None else 'no validation'}; {run.device.type}, {run.precision}, "
             f"batch {batch}, peak lr {lr:.3g}, {config.epochs} epochs"
         )
 
     def epoch_line(self, row: dict[str, Any]) -> str:
         ema = f", EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else ""
+        if "val_loss" not in row:
+            return f"epoch {row['epoch']}/{self.config.epochs}: train loss {row['train_loss']:.4f}, {row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s"
         return (
             f"epoch {row['epoch']}/{self.config.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
             f"top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%{ema}, {row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s"
         )
 
     def end_line(self) -> str:
+        if self.best["top1"] is None:
+            return f"no validation set: the model of the last epoch ({self.best.get('epoch')}) is saved; model directory: {self.run.out}"
         return f"best val top-1 {self.best['top1']:.2f}% (epoch {self.best.get('epoch')}); model directory: {self.run.out}"
+
+
+def balance_line(stats: Any, balance: str | None) -> str:
+    """How imbalanced the training classes are, and what the run does about it."""
+    if not stats.smallest_class:
+        return f"classes: {stats.classes} (their sizes are not known ahead)"
+    ratio = stats.largest_class / stats.smallest_class
+    line = f"classes: {stats.classes}, {stats.smallest_class:,} to {stats.largest_class:,} training images each ({ratio:.1f}x)"
+    if balance == "sampler":
+        return line + "; --balance sampler: each class is drawn equally often"
+    if balance == "loss":
+        return line + "; --balance loss: each class's loss is weighted by its rarity"
+    return line + ("; imbalanced: --balance sampler or --balance loss evens it out" if ratio >= 3 else "")
 
 
 def check_mixup(config: TrainConfig, images: int) -> None:
@@ -266,13 +316,15 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def pretrained_card(pretrained: str | None, model: str) -> ModelCard | None:
-    """The card stored with ``--pretrained`` weights (a run directory's), checked against ``--model``."""
+def pretrained_card(pretrained: Weights | None, model: str) -> ModelCard | None:
+    """The card of ``--pretrained`` weights (a run directory's, or the hub config's
+    preprocessing), checked against ``--model``."""
     if pretrained is None:
         return None
-    card = resolve_weights(pretrained)[1]
+    card = pretrained.card
     if card is not None and card.architecture != model:
-        raise ValueError(f"{pretrained} holds {card.architecture} weights, not {model}: pass --model {card.architecture}")
+        name = pretrained.source.get("name", pretrained.path)
+        raise ValueError(f"{name} holds {card.architecture} weights, not {model}: pass --model {card.architecture}")
     return card
 
 
