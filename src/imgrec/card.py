@@ -36,14 +36,15 @@ DERIVED = ("num_classes", "input_size")  # written for readers without imgrec, c
 class ModelCard:
     """The description of one set of weights (a classifier's, or a pretrained backbone's)."""
 
-    architecture: str  # the timm architecture the weights load into
+    architecture: str  # the timm architecture the weights load into, or a model class (path/to/file.py:Net, package.module:Net)
     data_config: DataConfig  # its preprocessing fields (img_size, crop_pct, interpolation, mean, std) are the card's
     classes: list[str] = field(default_factory=list)  # the classifier's classes in index order; empty for a backbone
     class_names: dict[str, str] = field(default_factory=dict)  # class -> human-readable name (ImageNet's words), if known
     metrics: dict[str, Any] = field(default_factory=dict)  # of the saved weights: top1, top5, epoch; loss, knn_top1 for a backbone
     weights: str | None = None  # which copy the file holds: "model" or "ema" (the better on validation)
     pretrained: str | None = None  # the weights the run started from (a file, a run or a name), None for a random start
-    pretrained_source: dict[str, str] = field(default_factory=dict)  # those weights' name, file, SHA-256 (and hub repo, revision)
+    pretrained_source: dict[str, str] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)  # a model class's constructor arguments  # those weights' name, file, SHA-256 (and hub repo, revision)
     method: str | None = None  # a backbone's self-supervised method
     feature_dim: int | None = None  # a backbone's pooled feature size
     epochs: int | None = None  # a backbone's planned pretraining epochs
@@ -67,7 +68,7 @@ class ModelCard:
             payload.update(num_classes=self.num_classes, classes=list(self.classes), input_size=[3, self.img_size, self.img_size])
         payload.update(preprocessing(self.data_config))
         payload.update(self.metrics)
-        optional = {"class_names": self.class_names, "weights": self.weights, "pretrained": self.pretrained, "pretrained_source": self.pretrained_source, "method": self.method,
+        optional = {"class_names": self.class_names, "weights": self.weights, "pretrained": self.pretrained, "pretrained_source": self.pretrained_source, "model_args": self.model_args, "method": self.method,
                     "feature_dim": self.feature_dim, "epochs": self.epochs}  # fmt: skip
         payload.update({k: v for k, v in optional.items() if v not in (None, {}, [])})
         return payload

@@ -100,7 +100,8 @@ class LoopConfig:
 
     data: str = option("", "dataset root holding train/<class>/ and val/<class>/ (or train/ and val/ folders of shards), class folders alone (a val split is drawn), a flat folder with --labels, or a shard pattern/URL")
     val_data: str | None = option(None, "validation shards, when --data is a shard pattern, pipe: command or URL")
-    model: str = option("resnet50", "timm architecture, e.g. resnet50 (`imgrec models` lists them)")
+    model: str = option("resnet50", "timm architecture, e.g. resnet50 (`imgrec models` lists them), or your own nn.Module class: path/to/file.py:Net or package.module:Net")
+    model_args: dict[str, Any] | None = option(None, "keyword arguments of a --model class (JSON), e.g. '{\"width\": 64}'; num_classes is added where it takes one", metavar="JSON")
     out: str = option("runs/train", "run directory")
     epochs: int = option(30, "passes over the training images")
     batch_size: int | None = option(None, "images per step (default: from the number of images, enough steps per epoch)")

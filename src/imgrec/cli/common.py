@@ -36,6 +36,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, only: Iterab
         options: dict[str, Any] = {"default": None, "help": _help(f)}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif kind is dict or typing.get_origin(kind) is dict:
+            options["type"] = json_object
         elif typing.get_origin(kind) is tuple:
             parts = typing.get_args(kind)
             options.update(type=parts[0], nargs=len(parts))
@@ -47,6 +49,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, only: Iterab
         if "metavar" in f.metadata:
             options["metavar"] = f.metadata["metavar"]
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A flag's JSON object value (argparse reports the error, naming the flag)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 64}}', got {text!r}")
+    return value
 
 
 def given(args: argparse.Namespace, cls: type, only: Iterable[str] | None = None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 ``save_model_dir`` writes both atomically (training writes them whenever validation improves,
 pretraining at each epoch's end); ``load_model_dir`` builds the card's architecture and loads the
-weights, reading only safetensors and JSON, so a model directory from anywhere runs no code.
+weights, reading only safetensors and JSON, so a model directory of a timm model runs no code
+(one of a model of your own imports its class, from the file or module its card names).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def load_model_dir(run: str | os.PathLike) -> tuple[torch.nn.Module, ModelCard]:
     run = Path(run)
     card = ModelCard.read(run)
     card.check_preprocessing()
-    model = create_model(card.architecture, num_classes=card.num_classes)
+    model = create_model(card.architecture, num_classes=card.num_classes, model_args=card.model_args)
     weights = run / MODEL_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{run} has {MODEL_CARD} but no {MODEL_WEIGHTS}")

@@ -23,6 +23,7 @@ import timm
 import torch
 
 from imgrec.card import BACKBONE_CARD, BACKBONE_WEIGHTS, MODEL_CARD, MODEL_WEIGHTS, ModelCard
+from imgrec.models.custom import build_custom, is_custom_spec, take_instance
 from imgrec.models.hub import WeightsError, fetch_weights, is_weights_name, sha256_of
 
 # Names under which timm's model modules keep their converters from other key layouts.
@@ -39,7 +40,9 @@ class Weights:
     source: dict[str, str] = field(default_factory=dict)
 
 
-def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | Weights | None = None, **kwargs: Any) -> torch.nn.Module:
+def create_model(
+    name: str, num_classes: int, pretrained: str | os.PathLike | Weights | None = None, *, model_args: dict[str, Any] | None = None, **kwargs: Any
+) -> torch.nn.Module:
     """A timm model ``name`` with a ``num_classes``-way head, optionally loaded with weights.
 
     ``pretrained`` is a .safetensors file, or a .pth/.pt file holding a state dict or a
@@ -47,7 +50,16 @@ def create_model(name: str, num_classes: int, pretrained: str | os.PathLike | We
     directory of ``imgrec pretrain`` (its backbone) or ``imgrec train`` (its model), a weights
     name (``locate_weights``) or what ``locate_weights`` found. Other keyword arguments go to
     ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
+
+    ``name`` may also name any ``nn.Module`` class, ``path/to/file.py:Net`` or ``package.module:Net``,
+    built with ``model_args`` (``imgrec.models.custom``); a module object handed to
+    ``imgrec.train`` comes back here under its spec.
     """
+    if is_custom_spec(name):
+        model = take_instance(name) or build_custom(name, num_classes, model_args)
+        if pretrained is not None:
+            load_pretrained(model, (pretrained if isinstance(pretrained, Weights) else locate_weights(pretrained)).path)
+        return model
     known = timm.list_models()
     if name not in known:
         # Names containing the given one, then spelling neighbours (typos, wrong case).
@@ -104,7 +116,7 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
 
 
 def _is_head_key(model: torch.nn.Module, key: str) -> bool:
-    names = model.pretrained_cfg.get("classifier") or ()
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
     prefixes = (names,) if isinstance(names, str) else tuple(names)
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
@@ -176,7 +188,7 @@ def _match_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dic
 
 
 def _mismatch_message(path: Any, model: torch.nn.Module, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
-    arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
     lines = [f"weights in {path} do not fit {arch}:"]
     for title, keys in (("missing from the file", missing), ("in the file but not in the model", unexpected), ("different shapes", wrong_shape)):
         if keys:

@@ -9,6 +9,7 @@ from the model or its EMA, whichever is better. The loop is the trainer's (``img
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Tas
 from imgrec.engine.trainer import Trainer, run_task, start_or_resume
 from imgrec.hardware import DTYPES, autocast
 from imgrec.models.directory import save_model_dir
+from imgrec.models.custom import check_logits, is_custom_spec, register_instance
 from imgrec.models.factory import Weights, create_model, locate_weights
 from imgrec.recipe import resolve_data_config, resolve_recipe
 
@@ -44,6 +46,11 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     ``train(data="DATA", model="resnet18", out="runs/r18", epochs=10)`` or ``train(TrainConfig(...))``;
     ``train(resume="runs/r18")`` continues a run from its ``last.pt``.
     """
+    if isinstance(overrides.get("model"), torch.nn.Module):  # any nn.Module: trained as given, recorded by its spec
+        overrides["model"], overrides["model_args"] = register_instance(overrides["model"], overrides.get("model_args"))
+    elif config is not None and isinstance(config.model, torch.nn.Module):
+        spec, args = register_instance(config.model, config.model_args)
+        config = dataclasses.replace(config, model=spec, model_args=args)
     return run_task(ClassifyTask, config, resume=resume, console=console, overrides=overrides)
 
 
@@ -136,13 +143,18 @@ class ClassifyTask(Task):
         if pretrained is not None:
             self.pretrained_source = pretrained.source
         model_options = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
-        model = create_model(config.model, num_classes=len(self.classes), pretrained=pretrained, **model_options)
+        custom = is_custom_spec(config.model)
+        if custom and (config.freeze_backbone or config.layer_decay or config.drop_path is not None):
+            raise ValueError(f"--freeze-backbone, --layer-decay and --drop-path need a timm model; {config.model} is a model of your own")
+        model = create_model(config.model, num_classes=len(self.classes), pretrained=pretrained, model_args=config.model_args, **model_options)
         if run.checkpoint is None:  # a resumed run's config holds every choice already
             self.config, choices = resolve_recipe(config, self.stats, model=model, device=run.device, card=card, finetune=pretrained is not None)
             print_recipe(run.console, choices)
             config = self.config
         check_mixup(config, len(self.train_set))
         self.data_config = resolve_data_config(model, card=card, **config.data_config)
+        if custom:
+            check_logits(model, len(self.classes), self.data_config.img_size, config.model)
         self.splits.train.transform = train_transform(self.data_config, config.loader)
         if self.splits.val is not None:
             self.splits.val.transform = eval_transform(self.data_config, config.loader)
@@ -250,7 +262,7 @@ class ClassifyTask(Task):
         return ModelCard(
             architecture=config.model, data_config=self.data_config, classes=list(self.classes), class_names=names,
             metrics={k: best[k] for k in ("top1", "top5", "epoch") if best.get(k) is not None}, weights=best["weights"], pretrained=config.pretrained,
-            pretrained_source=dict(self.pretrained_source),
+            pretrained_source=dict(self.pretrained_source), model_args=dict(config.model_args or {}),
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
