@@ -52,17 +52,22 @@ def image_size(data: Path, model: str) -> int:
     return chosen.get("img_size", architecture["img_size"])
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
-    """Run ``command``; its wall time and stdout. The disk is flushed first (untimed), so that no
-    side pays for the writes the run before it left in the page cache (timm's train.py writes a
-    checkpoint every epoch without fsync: ~1 GB for resnet18 in 8 epochs, which the kernel then
-    writes back during the next run and slows its fsyncs)."""
+def timed(command: list[str], env: dict | None = None) -> tuple[float, str, float]:
+    """Run ``command``; its wall time, its stdout, and the seconds ``os.sync()`` then takes to put
+    the files it left in the page cache on disk. The disk is flushed first too (untimed), so that
+    no side pays for the writes of the run before it. imgrec fsyncs its checkpoints inside its run
+    (they survive a power cut); timm's train.py writes ~1 GB of checkpoints for resnet18 in 8
+    epochs without fsync, which the kernel writes back later: the sync time shows that cost, so the
+    table can give both figures, without and with each side's files made durable."""
     os.sync()
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - started, done.stdout
+    started = time.perf_counter()
+    os.sync()
+    return seconds, done.stdout, time.perf_counter() - started
 
 
 def warm_up() -> None:
@@ -74,17 +79,17 @@ def warm_up() -> None:
 
 def run_imgrec(data: Path, args: argparse.Namespace, seed: int, out: Path) -> dict:
     imgrec = [str(Path(sys.executable).with_name("imgrec"))]
-    seconds, _ = timed([*imgrec, "train", "--data", str(data), "--model", args.model, "--epochs", str(args.epochs), "--seed", str(seed), "--out", str(out)])
+    seconds, _, sync = timed([*imgrec, "train", "--data", str(data), "--model", args.model, "--epochs", str(args.epochs), "--seed", str(seed), "--out", str(out)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"best": max(r["val_top1"] for r in rows), "last": rows[-1]["val_top1"], "seconds": round(seconds, 1)}
+    return {"best": max(r["val_top1"] for r in rows), "last": rows[-1]["val_top1"], "seconds": round(seconds, 1), "sync": round(sync, 2)}
 
 
 def run_plain(data: Path, args: argparse.Namespace, seed: int, size: int, lr: float) -> dict:
     command = [sys.executable, str(HERE / "plain_loop.py"), "--data", str(data), "--model", args.model, "--img-size", str(size),
                "--epochs", str(args.epochs), "--lr", str(lr), "--seed", str(seed)]  # fmt: skip
-    seconds, stdout = timed(command)
+    seconds, stdout, sync = timed(command)
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"best": result["best"], "last": result["last"], "seconds": round(seconds, 1)}
+    return {"best": result["best"], "last": result["last"], "seconds": round(seconds, 1), "sync": round(sync, 2)}
 
 
 def run_timm(data: Path, args: argparse.Namespace, seed: int, size: int, lr: float, out: Path) -> dict:
@@ -96,9 +101,9 @@ def run_timm(data: Path, args: argparse.Namespace, seed: int, size: int, lr: flo
         "--hflip", "0", "--reprob", "0", "--smoothing", "0", "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--device", "cpu",
         "--workers", "2", "--no-prefetcher", "--seed", str(seed), "--output", str(out), "--log-interval", "100000",
     ]  # fmt: skip
-    seconds, stdout = timed(command, env={"PYTHONPATH": str(Path(args.timm_train).parent)})
+    seconds, stdout, sync = timed(command, env={"PYTHONPATH": str(Path(args.timm_train).parent)})
     tops = [float(m) for m in re.findall(r'"top1": ([0-9.]+)', stdout)]
-    return {"best": max(tops), "last": tops[-1], "seconds": round(seconds, 1)}
+    return {"best": max(tops), "last": tops[-1], "seconds": round(seconds, 1), "sync": round(sync, 2)}
 
 
 def run_floor(args: argparse.Namespace, size: int, data: Path) -> dict:
@@ -110,8 +115,8 @@ def run_floor(args: argparse.Namespace, size: int, data: Path) -> dict:
     classes = len([p for p in (data / "train").iterdir() if p.is_dir()])
     settings = {"model": args.model, "images": counts["train"], "val": counts["val"], "classes": classes, "size": size, "batch": 64,
                 "epochs": args.epochs, "flush_denormal": True}  # fmt: skip
-    seconds, _ = timed([sys.executable, "-c", CHILD, json.dumps(settings)])
-    return {"best": 0.0, "last": 0.0, "seconds": round(seconds, 1)}
+    seconds, _, sync = timed([sys.executable, "-c", CHILD, json.dumps(settings)])
+    return {"best": 0.0, "last": 0.0, "seconds": round(seconds, 1), "sync": round(sync, 2)}
 
 
 def one_seed(name: str, data: Path, args: argparse.Namespace, seed: int, size: int, results: dict, work: Path) -> None:
@@ -131,7 +136,7 @@ def one_seed(name: str, data: Path, args: argparse.Namespace, seed: int, size: i
         else:
             results[key] = run_timm(data, args, seed, size, best_plain_lr(results, name, args), work / key.replace("|", "-"))
         args.json.write_text(json.dumps(results, indent=1))
-        print(f"{key}: best {results[key]['best']:.2f}, {results[key]['seconds']} s", flush=True)
+        print(f"{key}: best {results[key]['best']:.2f}, {results[key]['seconds']} s (+ {results[key].get('sync', 0)} s to sync its files)", flush=True)
 
 
 def best_plain_lr(results: dict, name: str, args: argparse.Namespace) -> float:
@@ -146,7 +151,10 @@ def best_plain_lr(results: dict, name: str, args: argparse.Namespace) -> float:
 def summary(results: dict, name: str, args: argparse.Namespace) -> dict:
     def side(prefix: str) -> dict:
         runs = [v for k, v in results.items() if k.startswith(prefix)]
-        return {"best": statistics.median(r["best"] for r in runs), "seconds": statistics.median(r["seconds"] for r in runs), "runs": len(runs)} if runs else {}
+        if not runs:
+            return {}
+        durable = statistics.median(r["seconds"] + r.get("sync", 0.0) for r in runs)
+        return {"best": statistics.median(r["best"] for r in runs), "seconds": statistics.median(r["seconds"] for r in runs), "durable": durable, "runs": len(runs)}
 
     base = f"{name}|{args.model}|{args.epochs}"
     lr = best_plain_lr(results, name, args)
@@ -180,6 +188,7 @@ def main() -> None:
         line = f"{name:18s} imgrec {imgrec['best']:6.2f}% {imgrec['seconds']:6.1f} s | plain (lr {plain['lr']:g}) {plain['best']:6.2f}% {plain['seconds']:6.1f} s"
         if timm:
             line += f" | timm {timm['best']:6.2f}% {timm['seconds']:6.1f} s | imgrec/timm time {imgrec['seconds'] / timm['seconds']:.2f}"
+            line += f" (files synced: {imgrec['durable']:.1f} / {timm['durable']:.1f} s = {imgrec['durable'] / timm['durable']:.2f})"
         if floor and timm:
             line += f" | floor {floor['seconds']:.1f} s, floor/timm {floor['seconds'] / timm['seconds']:.2f}"
         print(line)
