@@ -73,7 +73,9 @@ def test_imagenet_sized_data_keeps_imagenet_practice(resnet18) -> None:
 def test_fine_tuning_takes_a_lower_rate_and_a_shorter_warmup(resnet18) -> None:
     scratch = chosen(TrainConfig(data="x", epochs=20), stats(5000, 300), resnet18)
     tuned = chosen(TrainConfig(data="x", epochs=20), stats(5000, 300), resnet18, finetune=True)
-    assert tuned["base_lr"] == pytest.approx(scratch["base_lr"] * RULES["finetune_lr"]) and "fine-tuning" in tuned["reasons"]["base_lr"]
+    assert tuned["base_lr"] == pytest.approx(scratch["base_lr"] * RULES["finetune_lr"]["weights"]) and "fine-tuning" in tuned["reasons"]["base_lr"]
+    from_run = chosen(TrainConfig(data="x", epochs=20), stats(5000, 300), resnet18, finetune="run")
+    assert from_run["base_lr"] == pytest.approx(scratch["base_lr"]) and "imgrec run" in from_run["reasons"]["base_lr"]
     assert tuned["warmup_epochs"] < scratch["warmup_epochs"]
 
 

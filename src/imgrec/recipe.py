@@ -89,7 +89,11 @@ RULES: dict[str, Any] = {
     "scratch_lr": {"adamw": 8e-3, "sgd": 0.4},  # per 256 images, a small dataset from scratch
     "imagenet_lr": {"adamw": 1e-3, "sgd": 0.1},  # per 256 images, at and above ``large`` images (ImageNet practice)
     "large": 100_000,  # images: from here on the ImageNet rates
-    "finetune_lr": 0.25,  # fine-tuning pretrained weights: this fraction of the rate from scratch
+    # Fine-tuning: this fraction of the rate from scratch, by where the weights come from. Weights of
+    # an imgrec run (trained on a small dataset) fine-tune best at the full rate (measured:
+    # BENCHMARKS.md, "Fine-tuning weights we made"); weights by name or from a file (ImageNet-scale
+    # training, as timm's tags are) keep ImageNet practice's lower rate, not measured here.
+    "finetune_lr": {"run": 1.0, "weights": 0.25},
     "warmup_fraction": 0.05,  # of the run's steps, in whole epochs' terms (at most ``warmup_max`` epochs)
     "warmup_max": 1.0,
     "finetune_warmup_fraction": 0.02,
@@ -159,13 +163,15 @@ def pick_flip(stats: DataStats, given: dict[str, Any]) -> list[Choice]:
     return [Choice("hflip", 0.0, f"a mirrored class average moves {stats.mirror:.1f}x as far as the classes are apart: left and right mean something here")]
 
 
-def pick_base_lr(config: LoopConfig, stats: DataStats, batch: int, finetune: bool) -> list[Choice]:
-    """The rate per 256 images, where the user set neither ``lr`` nor ``base_lr``."""
+def pick_base_lr(config: LoopConfig, stats: DataStats, batch: int, finetune: str | bool | None) -> list[Choice]:
+    """The rate per 256 images, where the user set neither ``lr`` nor ``base_lr``; ``finetune``:
+    None (from scratch), "run" (an imgrec run's weights) or "weights" (by name or from a file)."""
     if config.lr is not None or config.base_lr is not None:
         return []
     large = stats.images >= RULES["large"]
-    rate = (RULES["imagenet_lr"] if large else RULES["scratch_lr"])[config.opt] * (RULES["finetune_lr"] if finetune else 1.0)
-    start = "fine-tuning pretrained weights" if finetune else "from scratch"
+    kind = "weights" if finetune is True else finetune or None
+    rate = (RULES["imagenet_lr"] if large else RULES["scratch_lr"])[config.opt] * (RULES["finetune_lr"][kind] if kind else 1.0)
+    start = {None: "from scratch", "run": "fine-tuning an imgrec run's weights (x1)", "weights": f"fine-tuning pretrained weights (x{RULES['finetune_lr']['weights']:g})"}[kind]
     size = f"{stats.images:,} images" + (" (ImageNet's rate)" if large else "")
     return [Choice("base_lr", rate, f"{config.opt} {start}, {size}: {rate:.3g} per 256 images, {rate * batch * config.accum_steps / 256:.3g} at this batch")]
 
@@ -180,7 +186,7 @@ def pick_warmup(config: LoopConfig, finetune: bool) -> list[Choice]:
 
 
 def resolve_recipe(
-    config: LoopConfig, stats: DataStats, *, model: torch.nn.Module, device: torch.device, card: ModelCard | None = None, finetune: bool = False
+    config: LoopConfig, stats: DataStats, *, model: torch.nn.Module, device: torch.device, card: ModelCard | None = None, finetune: str | bool | None = None
 ) -> tuple[LoopConfig, list[Choice]]:
     """``config`` with what the user left open (``None``, or absent from ``data_config``) chosen from
     the data's ``stats``, the architecture (``model``), the pretrained weights' ``card``, whether

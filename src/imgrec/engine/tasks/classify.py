@@ -148,7 +148,7 @@ class ClassifyTask(Task):
             raise ValueError(f"--freeze-backbone, --layer-decay and --drop-path need a timm model; {config.model} is a model of your own")
         model = create_model(config.model, num_classes=len(self.classes), pretrained=pretrained, model_args=config.model_args, **model_options)
         if run.checkpoint is None:  # a resumed run's config holds every choice already
-            self.config, choices = resolve_recipe(config, self.stats, model=model, device=run.device, card=card, finetune=pretrained is not None)
+            self.config, choices = resolve_recipe(config, self.stats, model=model, device=run.device, card=card, finetune=finetune_kind(pretrained))
             print_recipe(run.console, choices)
             config = self.config
         check_mixup(config, len(self.train_set))
@@ -326,6 +326,14 @@ def check_mixup(config: TrainConfig, images: int) -> None:
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft targets (mixup/cutmix blends with label smoothing folded in)."""
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def finetune_kind(pretrained: Weights | None) -> str | None:
+    """None from scratch; "run" for an imgrec run's weights (they carry its card and no hub source);
+    "weights" for weights by name or from a bare file."""
+    if pretrained is None:
+        return None
+    return "run" if pretrained.card is not None and "repo" not in pretrained.source else "weights"
 
 
 def pretrained_card(pretrained: Weights | None, model: str) -> ModelCard | None:
