@@ -164,3 +164,24 @@ def test_the_cli_fetches_lists_and_explains_a_missing_weight(hub, tmp_path, tiny
     assert "imgrec weights fetch resnet18.a1_in1k" in missing.stderr
     wrong = imgrec("train", "--data", str(tiny_shapes), "--model", "resnet18", "--pretrained", TAG, "--out", str(tmp_path / "w"))
     assert wrong.returncode == 2 and "pass --model test_resnet" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_pretraining_continues_from_named_weights(hub, tiny_shapes, tmp_path):
+    from rich.console import Console
+
+    from imgrec.engine.tasks.pretrain import PretrainTask
+    from imgrec.engine.trainer import Trainer, start_or_resume
+
+    tensors = made_weights(seed=11)
+    data = safetensors_bytes(tensors, tmp_path)
+    hub_file(hub, f"timm/{TAG}", "model.safetensors", data)
+    out = tmp_path / "pre"
+    overrides = dict(data=str(tiny_shapes), model="test_resnet", pretrained=TAG, method="simclr", epochs=1, batch_size=8, out=str(out), data_config={"img_size": 32})
+    config, _ = start_or_resume(PretrainTask, None, None, overrides)
+    trainer = Trainer(PretrainTask, config, Console(quiet=True))
+    backbone = trainer.task.method.backbone.state_dict()
+    assert all(torch.equal(v, tensors[k]) for k, v in backbone.items())  # the named weights, head dropped
+    assert not any(k.startswith("fc.") for k in backbone)
+    trainer.fit()
+    card = json.loads((out / "backbone.json").read_text())
+    assert card["pretrained"] == TAG and card["pretrained_source"]["sha256"] == hashlib.sha256(data).hexdigest()

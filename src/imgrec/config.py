@@ -222,6 +222,10 @@ class PretrainConfig(LoopConfig):
     knn_temperature: float = option(0.07, "vote weight exp(cosine / T) of the kNN monitor")
     knn_every: int = option(1, "run the kNN monitor every N epochs (0 = never); the last epoch always runs it when on")
     knn_bank_size: int | None = option(20_000, "labelled train images in the monitor's bank, class-balanced")
+    pretrained: str | None = option(
+        None, "continue pretraining from weights: a timm tag or hf-hub:ORG/REPO (through the Hugging Face cache), a local file, or a run directory",
+        metavar="NAME_OR_FILE",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -39,6 +39,13 @@ class Weights:
     card: ModelCard | None
     source: dict[str, str] = field(default_factory=dict)
 
+    def card_for(self, model: str) -> ModelCard | None:
+        """The card, checked to describe weights of ``model`` (the architecture being built)."""
+        if self.card is not None and self.card.architecture != model:
+            name = self.source.get("name", self.path)
+            raise WeightsError(f"{name} holds {self.card.architecture} weights, not {model}: pass --model {self.card.architecture}")
+        return self.card
+
 
 def create_model(
     name: str, num_classes: int, pretrained: str | os.PathLike | Weights | None = None, *, model_args: dict[str, Any] | None = None, **kwargs: Any

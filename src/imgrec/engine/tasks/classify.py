@@ -339,13 +339,7 @@ def finetune_kind(pretrained: Weights | None) -> str | None:
 def pretrained_card(pretrained: Weights | None, model: str) -> ModelCard | None:
     """The card of ``--pretrained`` weights (a run directory's, or the hub config's
     preprocessing), checked against ``--model``."""
-    if pretrained is None:
-        return None
-    card = pretrained.card
-    if card is not None and card.architecture != model:
-        name = pretrained.source.get("name", pretrained.path)
-        raise ValueError(f"{name} holds {card.architecture} weights, not {model}: pass --model {card.architecture}")
-    return card
+    return None if pretrained is None else pretrained.card_for(model)
 
 
 def freeze_backbone(model: torch.nn.Module) -> None:

@@ -43,7 +43,7 @@ from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Tas
 from imgrec.engine.trainer import run_task
 from imgrec.hardware import DTYPES, autocast
 from imgrec.models.directory import save_model_dir
-from imgrec.models.factory import create_model
+from imgrec.models.factory import create_model, locate_weights
 from imgrec.recipe import resolve_data_config, resolve_recipe
 
 
@@ -122,13 +122,17 @@ class PretrainTask(Task):
     def __init__(self, config: PretrainConfig, run: RunContext):
         self.config, self.run = config, run
         self.train_set, self.bank_set, self.query_set, self.classes, self.monitor_note = pretraining_data(config, run.skip_log)
-        backbone = create_model(config.model, num_classes=0)
+        # Continued pretraining starts from weights (not read again on resume: the checkpoint has them).
+        weights = locate_weights(config.pretrained) if config.pretrained and run.checkpoint is None else None
+        card = weights.card_for(config.model) if weights is not None else None
+        self.pretrained_source: dict[str, str] = dict(weights.source) if weights is not None else {}
+        backbone = create_model(config.model, num_classes=0, pretrained=weights)
         if run.checkpoint is None:  # a resumed run's config holds every choice already
             stats = dataset_stats(self.train_set, seed=config.seed)
-            self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device)
+            self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device, card=card)
             print_recipe(run.console, choices)
             config = self.config
-        self.data_config = dc = resolve_data_config(backbone, **config.data_config)
+        self.data_config = dc = resolve_data_config(backbone, card=card, **config.data_config)
         self.method_class = cls = method_class(config.method)
         self.method = cls.build(
             backbone, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim,
@@ -196,16 +200,18 @@ class PretrainTask(Task):
         """The backbone's weights and card (backbone.safetensors, backbone.json), every epoch."""
         card = ModelCard(
             architecture=self.config.model, data_config=self.data_config, method=self.config.method, epochs=self.config.epochs,
+            pretrained=self.config.pretrained, pretrained_source=dict(self.pretrained_source),
             feature_dim=self.method.feature_dim, metrics={"epoch": row["epoch"], **{k: row[k] for k in ("loss", "knn_top1", "knn_top5") if k in row}},
         )  # fmt: skip
         state, out = snapshot(self.method.backbone_state()), self.run.out
         return lambda: save_model_dir(out, state, card, weights_name=BACKBONE_WEIGHTS, card_name=BACKBONE_CARD)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.method.state_dict()}
+        return {"model": self.method.state_dict(), "pretrained_source": self.pretrained_source}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_state_dict(checkpoint["model"])
+        self.pretrained_source = dict(checkpoint.get("pretrained_source") or {})
 
     def start_line(self, batch: str, lr: float) -> str:
         config, run = self.config, self.run
