@@ -25,7 +25,7 @@ import yaml
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from real_datasets import build  # noqa: E402
+from real_datasets import build
 
 IMGREC = str(Path(sys.executable).with_name("imgrec"))
 

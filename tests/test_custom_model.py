@@ -20,8 +20,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import imgrec
-from imgrec.inference.export import export
 from imgrec.inference.backends.onnx import onnx_session
+from imgrec.inference.export import export
 from imgrec.models.custom import ModelSpecError, build_custom, describe, sequential_from_layers, sequential_layers
 
 NET = textwrap.dedent(

@@ -72,7 +72,7 @@ def test_imagenet_sized_data_keeps_imagenet_practice(resnet18) -> None:
 
 def test_fine_tuning_takes_a_lower_rate_and_a_shorter_warmup(resnet18) -> None:
     scratch = chosen(TrainConfig(data="x", epochs=20), stats(5000, 300), resnet18)
-    tuned = chosen(TrainConfig(data="x", epochs=20), stats(5000, 300), resnet18, finetune=True)
+    tuned = chosen(TrainConfig(data="x", epochs=20), stats(5000, 300), resnet18, finetune="weights")
     assert tuned["base_lr"] == pytest.approx(scratch["base_lr"] * RULES["finetune_lr"]["weights"]) and "fine-tuning" in tuned["reasons"]["base_lr"]
     from_run = chosen(TrainConfig(data="x", epochs=20), stats(5000, 300), resnet18, finetune="run")
     assert from_run["base_lr"] == pytest.approx(scratch["base_lr"]) and "imgrec run" in from_run["reasons"]["base_lr"]
@@ -90,7 +90,7 @@ def test_the_weights_card_wins_over_the_data_for_the_image_size(resnet18) -> Non
     from imgrec.config import DataConfig
 
     card = ModelCard("resnet18", DataConfig(img_size=64, crop_pct=0.95))
-    got = chosen(TrainConfig(data="x"), stats(1438, 8), resnet18, card=card, finetune=True)
+    got = chosen(TrainConfig(data="x"), stats(1438, 8), resnet18, card=card, finetune="weights")
     assert "img_size" not in got and "crop_pct" not in got  # the card states both
     assert got["scale"] == (0.6, 1.0)  # the card says nothing of augmentation: 30 epochs on 8 px images
 

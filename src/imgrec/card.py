@@ -43,8 +43,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)  # of the saved weights: top1, top5, epoch; loss, knn_top1 for a backbone
     weights: str | None = None  # which copy the file holds: "model" or "ema" (the better on validation)
     pretrained: str | None = None  # the weights the run started from (a file, a run or a name), None for a random start
-    pretrained_source: dict[str, str] = field(default_factory=dict)
-    model_args: dict[str, Any] = field(default_factory=dict)  # a model class's constructor arguments  # those weights' name, file, SHA-256 (and hub repo, revision)
+    pretrained_source: dict[str, str] = field(default_factory=dict)  # those weights' name, file, SHA-256 (and hub repo, revision)
+    model_args: dict[str, Any] = field(default_factory=dict)  # a model class's constructor arguments
     method: str | None = None  # a backbone's self-supervised method
     feature_dim: int | None = None  # a backbone's pooled feature size
     epochs: int | None = None  # a backbone's planned pretraining epochs

@@ -22,8 +22,9 @@ import torch
 import yaml
 
 from imgrec.card import ModelCard
-from imgrec.config import INTERPOLATIONS, PREPROCESSING, DataConfig, LoopConfig, PretrainConfig, from_dict
+from imgrec.config import PREPROCESSING, DataConfig, LoopConfig, PretrainConfig, from_dict
 from imgrec.data.stats import DataStats
+from imgrec.models.hub import preprocessing_of
 
 C = TypeVar("C")
 
@@ -54,14 +55,7 @@ def architecture_preprocessing(model: torch.nn.Module) -> dict[str, Any]:
     """The preprocessing timm's config gives ``model``'s architecture (size, crop, interpolation, mean, std)."""
     from timm.data import resolve_model_data_config
 
-    timm_config = resolve_model_data_config(model)
-    return {
-        "img_size": int(timm_config["input_size"][-1]),
-        "crop_pct": float(timm_config["crop_pct"]),
-        "interpolation": timm_config["interpolation"] if timm_config["interpolation"] in INTERPOLATIONS else "bicubic",
-        "mean": tuple(timm_config["mean"]),
-        "std": tuple(timm_config["std"]),
-    }
+    return preprocessing_of(resolve_model_data_config(model))  # the same reading as a pretrained weights' config
 
 
 def resolve_data_config(
@@ -163,20 +157,19 @@ def pick_flip(stats: DataStats, given: dict[str, Any]) -> list[Choice]:
     return [Choice("hflip", 0.0, f"a mirrored class average moves {stats.mirror:.1f}x as far as the classes are apart: left and right mean something here")]
 
 
-def pick_base_lr(config: LoopConfig, stats: DataStats, batch: int, finetune: str | bool | None) -> list[Choice]:
+def pick_base_lr(config: LoopConfig, stats: DataStats, batch: int, finetune: str | None) -> list[Choice]:
     """The rate per 256 images, where the user set neither ``lr`` nor ``base_lr``; ``finetune``:
     None (from scratch), "run" (an imgrec run's weights) or "weights" (by name or from a file)."""
     if config.lr is not None or config.base_lr is not None:
         return []
     large = stats.images >= RULES["large"]
-    kind = "weights" if finetune is True else finetune or None
-    rate = (RULES["imagenet_lr"] if large else RULES["scratch_lr"])[config.opt] * (RULES["finetune_lr"][kind] if kind else 1.0)
-    start = {None: "from scratch", "run": "fine-tuning an imgrec run's weights (x1)", "weights": f"fine-tuning pretrained weights (x{RULES['finetune_lr']['weights']:g})"}[kind]
+    rate = (RULES["imagenet_lr"] if large else RULES["scratch_lr"])[config.opt] * (RULES["finetune_lr"][finetune] if finetune else 1.0)
+    start = {None: "from scratch", "run": "fine-tuning an imgrec run's weights (x1)", "weights": f"fine-tuning pretrained weights (x{RULES['finetune_lr']['weights']:g})"}[finetune]
     size = f"{stats.images:,} images" + (" (ImageNet's rate)" if large else "")
     return [Choice("base_lr", rate, f"{config.opt} {start}, {size}: {rate:.3g} per 256 images, {rate * batch * config.accum_steps / 256:.3g} at this batch")]
 
 
-def pick_warmup(config: LoopConfig, finetune: bool) -> list[Choice]:
+def pick_warmup(config: LoopConfig, finetune: str | None) -> list[Choice]:
     if config.warmup_epochs is not None:
         return []
     kind = "pretrain_" if isinstance(config, PretrainConfig) else "finetune_" if finetune else ""
@@ -186,7 +179,7 @@ def pick_warmup(config: LoopConfig, finetune: bool) -> list[Choice]:
 
 
 def resolve_recipe(
-    config: LoopConfig, stats: DataStats, *, model: torch.nn.Module, device: torch.device, card: ModelCard | None = None, finetune: str | bool | None = None
+    config: LoopConfig, stats: DataStats, *, model: torch.nn.Module, device: torch.device, card: ModelCard | None = None, finetune: str | None = None
 ) -> tuple[LoopConfig, list[Choice]]:
     """``config`` with what the user left open (``None``, or absent from ``data_config``) chosen from
     the data's ``stats``, the architecture (``model``), the pretrained weights' ``card``, whether

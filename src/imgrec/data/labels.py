@@ -83,7 +83,7 @@ def read_labels_file(path: str | os.PathLike, classes: list[str], image_dir: str
             f"image folder {image_dir} does not exist or is not a folder: pass the folder the labels file describes"
         )
     if path.suffix.lower() == ".json":
-        return _read_json(path, classes, image_dir)
+        return _labelled_rows(path, _json_rows(path), classes, image_dir)
     lines = path.read_text(encoding="utf-8-sig").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -91,24 +91,31 @@ def read_labels_file(path: str | os.PathLike, classes: list[str], image_dir: str
     if first is None:
         raise ValueError(f"labels file {path} is empty: it needs one filename,class line per image, or one integer per image")
     if "," in first:
-        return _read_csv(path, lines, classes, image_dir)
+        return _labelled_rows(path, _csv_rows(path, lines, image_dir), classes, image_dir)
     return _read_integer_list(path, lines, classes, image_dir)
 
 
-def _read_csv(path: Path, lines: list[str], classes: list[str], image_dir: Path) -> list[tuple[str, int]]:
-    class_to_idx = {name: i for i, name in enumerate(classes)}
-    samples: list[tuple[str, int]] = []
-    seen: dict[str, int] = {}
-    missing: list[tuple[int, str]] = []
+def _csv_rows(path: Path, lines: list[str], image_dir: Path) -> list[tuple[int, str, str]]:
+    """(line number, filename, class) of each row of a ``filename,class`` CSV, its header skipped."""
+    rows: list[tuple[int, str, str]] = []
     for number, row in enumerate(csv.reader(io.StringIO("\n".join(lines))), start=1):
         fields = [field.strip() for field in row]
         if not any(fields):
             continue
-        if not samples and not seen and _is_header(fields, image_dir):
+        if not rows and _is_header(fields, image_dir):
             continue
         if len(fields) != 2:
             raise ValueError(f"{path}, line {number}: expected 2 columns filename,class, got {len(fields)}: {','.join(row)!r}")
-        filename, value = fields
+        rows.append((number, fields[0], fields[1]))
+    return rows
+
+
+def _labelled_rows(path: Path, rows: list[tuple[int, str, str]], classes: list[str], image_dir: Path) -> list[tuple[str, int]]:
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    samples: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}
+    missing: list[tuple[int, str]] = []
+    for number, filename, value in rows:
         label = _class_index(value, class_to_idx, classes, where=f"{path}, line {number}")
         image = image_dir / filename
         if filename in seen:
@@ -145,21 +152,16 @@ def labels_file_classes(path: str | os.PathLike, image_dir: str | os.PathLike) -
     path, image_dir = Path(path), Path(image_dir)
     if not path.is_file():
         raise ValueError(f"labels file {path} does not exist: pass a filename,class CSV or a JSON object of filename: class")
-    if path.suffix.lower() == ".json":
-        values = {str(v) for v in _json_pairs(path).values()}
-    else:
-        rows = [[f.strip() for f in row] for row in csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))) if any(f.strip() for f in row)]
-        if rows and _is_header(rows[0], image_dir):
-            rows = rows[1:]
-        bad = next((i for i, row in enumerate(rows, 1) if len(row) != 2), None)
-        if bad is not None or not rows:
-            raise ValueError(f"{path}: to train from a labels file it must be a filename,class CSV (row {bad or 1} is not)")
-        values = {row[1] for row in rows}
+    rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path, path.read_text(encoding="utf-8-sig").splitlines(), image_dir)
+    if not rows:
+        raise ValueError(f"labels file {path} is empty: it needs one filename,class line per image")
+    values = {value for _, _, value in rows}
     numeric = all(v.lstrip("-").isdigit() for v in values)
     return sorted(values, key=lambda v: (int(v), v) if numeric else (0, v))
 
 
-def _json_pairs(path: Path) -> dict[str, Any]:
+def _json_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(position, filename, class) of each entry of a JSON labels file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -168,13 +170,7 @@ def _json_pairs(path: Path) -> dict[str, Any]:
         data = dict(data)
     if not isinstance(data, dict) or not data:
         raise ValueError(f'labels file {path} must hold a JSON object {{"filename": "class", ...}} (or a list of [filename, class] pairs)')
-    return data
-
-
-def _read_json(path: Path, classes: list[str], image_dir: Path) -> list[tuple[str, int]]:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows((name, str(label)) for name, label in _json_pairs(path).items())  # quoted where a name holds a comma
-    return _read_csv(path, buffer.getvalue().splitlines(), classes, image_dir)
+    return [(number, str(name), str(value)) for number, (name, value) in enumerate(data.items(), start=1)]
 
 
 def _class_index(value: str, class_to_idx: dict[str, int], classes: list[str], *, where: str) -> int:

@@ -9,6 +9,7 @@ already read (``skip``) and read the rest in the same order.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -69,9 +70,7 @@ class EpochSampler(Sampler[int]):
 
 def class_balanced_weights(labels: Sequence[int]) -> list[float]:
     """One weight per image, the inverse of its class's count: every class drawn equally often."""
-    counts: dict[int, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(labels)
     return [1.0 / counts[label] for label in labels]
 
 

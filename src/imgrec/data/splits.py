@@ -114,8 +114,8 @@ def drawn_splits(
             note += f"; the folder has changed since: {new} new image(s) train, {gone} recorded image(s) are gone (not re-split)"
     else:
         train, val = stratified_split(samples, val_split, seed)
-        pairs = lambda part: [[_rel(path, folder), classes[label]] for path, label in part]  # noqa: E731
-        split = SplitRecord(str(folder.resolve()), val_split, seed, classes, pairs(val), pairs(train))
+        val_pairs, train_pairs = ([[_rel(path, folder), classes[label]] for path, label in part] for part in (val, train))
+        split = SplitRecord(str(folder.resolve()), val_split, seed, classes, val_pairs, train_pairs)
         note = (f"split: {folder} has no val/: {len(val)} images ({val_split:g} of each class, seed {seed}) validate, {len(train)} train"
                 if val else f"split: {folder} has no val/ and val_split is 0: all {len(train)} images train, no validation")  # fmt: skip
     if split.val_split > 0 and not val:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from imgrec.data.folder import DEFAULT_MAX_BAD_FRACTION, SkipLog
 from imgrec.data.labels import evaluation_dataset
-from imgrec.data.splits import SPLIT_FILE, recorded_val
 from imgrec.data.loader import create_loader
+from imgrec.data.splits import SPLIT_FILE, recorded_val
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
 from imgrec.models.directory import load_model_dir

@@ -29,7 +29,7 @@ from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.knn import knn_scores, linear_probe
 from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
-from imgrec.models.factory import create_model, resolve_weights
+from imgrec.models.factory import create_model, locate_weights
 from imgrec.recipe import resolve_data_config
 from imgrec.utils import atomic_write
 
@@ -54,16 +54,13 @@ def load_backbone(spec: str | os.PathLike, model: str | None = None, seed: int =
         arch = spec.split(":", 1)[1]
         torch.manual_seed(seed)
         return Backbone(create_model(arch, num_classes=0), arch, spec, _sha256(f"{spec}:{seed}".encode()), None)
-    weights, card = resolve_weights(spec)
+    weights = locate_weights(spec)
+    card = weights.card
     arch = model or (card.architecture if card is not None else None)
     if not arch:
         raise ValueError(f"{spec} does not say which architecture it holds: pass --model ARCH")
     net = create_model(arch, num_classes=0, pretrained=weights)
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return Backbone(net, arch, str(weights), digest.hexdigest(), card)
+    return Backbone(net, arch, str(weights.path), weights.source["sha256"], card)
 
 
 def feature_cache_dir() -> Path:

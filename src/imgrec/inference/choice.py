@@ -10,7 +10,6 @@ native, as training uses).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import torch
 from imgrec.card import MODEL_WEIGHTS
 from imgrec.hardware import resolve_precision
 from imgrec.inference.backends import BACKENDS, backend_class
-from imgrec.utils import write_json
+from imgrec.utils import file_sha256, write_json
 
 BENCHMARK_NAME = "benchmark.json"
 MIN_AGREEMENT = 99.0  # percent top-1 agreement with eager fp32 a backend needs to be chosen by default
@@ -42,15 +41,7 @@ def default_backend(precision: str, device: torch.device) -> str:
 
 def weights_digest(run: str | os.PathLike) -> str:
     """SHA-256 of RUN/model.safetensors: a benchmark applies to these weights only."""
-    return file_digest(Path(run) / MODEL_WEIGHTS)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(run) / MODEL_WEIGHTS)
 
 
 def cpu_name() -> str:
@@ -71,7 +62,7 @@ def record_benchmark(run: str | os.PathLike, results: list[Any], batch: int) -> 
         row = dict(r.__dict__)
         file = backend_file(row["backend"])
         if file and (Path(run) / file).is_file():  # the very file measured
-            row["file_sha256"] = file_digest(Path(run) / file)
+            row["file_sha256"] = file_sha256(Path(run) / file)
         rows.append(row)
     write_json(
         path,
@@ -120,7 +111,7 @@ def choose_backend(run: str | os.PathLike, device: torch.device, precision: str 
 
 def file_matches(path: Path, recorded: str | None) -> bool:
     """Whether ``path`` is the file the benchmark measured (a later export may have replaced it)."""
-    return path.is_file() and recorded is not None and file_digest(path) == recorded
+    return path.is_file() and recorded is not None and file_sha256(path) == recorded
 
 
-__all__ = ["BENCHMARK_NAME", "MIN_AGREEMENT", "backend_file", "choose_backend", "cpu_name", "default_backend", "file_digest", "record_benchmark", "weights_digest"]
+__all__ = ["BENCHMARK_NAME", "MIN_AGREEMENT", "backend_file", "choose_backend", "cpu_name", "default_backend", "record_benchmark", "weights_digest"]

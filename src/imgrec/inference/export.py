@@ -130,12 +130,11 @@ def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
 
 def parity_files(run: Path, images: str | os.PathLike | None, count: int, seed: int) -> list[Path]:
     """Up to ``count`` image files (a seeded sample) from ``images`` or the run's val split."""
+    files: list[Path] = []
     if images is None and (run / SPLIT_FILE).is_file():  # a split drawn from a root without val/: its val images
         split = SplitRecord.read(run / SPLIT_FILE)
         files = [Path(split.root, name) for name, _ in split.val if Path(split.root, name).is_file()]
-        if files:
-            return sorted(random.Random(seed).sample(files, count)) if len(files) > count else files
-    if images is None:
+    if images is None and not files:
         config = run / "config.yaml"
         data = None
         if config.is_file():
@@ -148,7 +147,8 @@ def parity_files(run: Path, images: str | os.PathLike | None, count: int, seed: 
                 f"no images to check the export on: {run} does not name a val folder that exists here; pass --images DIR (any folder of images)"
             )
         images = folder
-    files = iter_image_files(images) if Path(images).is_dir() else []
+    if not files:
+        files = iter_image_files(images) if Path(images).is_dir() else []
     if not files:
         raise ValueError(f"no images in {images} to check the export on: pass --images DIR, a folder of images")
     if len(files) > count:

@@ -24,7 +24,8 @@ import torch
 
 from imgrec.card import BACKBONE_CARD, BACKBONE_WEIGHTS, MODEL_CARD, MODEL_WEIGHTS, ModelCard
 from imgrec.models.custom import build_custom, is_custom_spec, take_instance
-from imgrec.models.hub import WeightsError, fetch_weights, is_weights_name, sha256_of
+from imgrec.models.hub import WeightsError, fetch_weights, is_weights_name
+from imgrec.utils import file_sha256
 
 # Names under which timm's model modules keep their converters from other key layouts.
 _FILTER_FUNCTIONS = ("checkpoint_filter_fn", "_filter_fn", "_filter_torchvision_pretrained")
@@ -64,16 +65,14 @@ def create_model(
     """
     if is_custom_spec(name):
         model = take_instance(name) or build_custom(name, num_classes, model_args)
-        if pretrained is not None:
-            load_pretrained(model, (pretrained if isinstance(pretrained, Weights) else locate_weights(pretrained)).path)
-        return model
-    known = timm.list_models()
-    if name not in known:
-        # Names containing the given one, then spelling neighbours (typos, wrong case).
-        close = list(dict.fromkeys(timm.list_models(f"*{name.lower()}*") + difflib.get_close_matches(name.lower(), known, n=8, cutoff=0.6)))[:8]
-        hint = f" Close matches: {', '.join(close)}." if close else " `imgrec models PATTERN` lists them."
-        raise ValueError(f"unknown model {name!r}.{hint}")
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        known = timm.list_models()
+        if name not in known:
+            # Names containing the given one, then spelling neighbours (typos, wrong case).
+            close = list(dict.fromkeys(timm.list_models(f"*{name.lower()}*") + difflib.get_close_matches(name.lower(), known, n=8, cutoff=0.6)))[:8]
+            hint = f" Close matches: {', '.join(close)}." if close else " `imgrec models PATTERN` lists them."
+            raise ValueError(f"unknown model {name!r}.{hint}")
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained is not None:
         load_pretrained(model, (pretrained if isinstance(pretrained, Weights) else locate_weights(pretrained)).path)
     return model
@@ -169,7 +168,7 @@ def locate_weights(spec: str | os.PathLike) -> Weights:
 
 
 def _file_source(spec: str | os.PathLike, file: Path) -> dict[str, str]:
-    return {"name": str(spec), "file": str(file.resolve()), "sha256": sha256_of(file)}
+    return {"name": str(spec), "file": str(file.resolve()), "sha256": file_sha256(file)}
 
 
 def _match_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ card, and where it came from (name, repository, revision, SHA-256) for the run's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 
 from imgrec.card import PREPROCESSING, ModelCard
 from imgrec.config import INTERPOLATIONS, DataConfig
+from imgrec.utils import file_sha256
 
 HF_PREFIX = "hf-hub:"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm repository holds, preferred first
@@ -76,7 +76,7 @@ def fetch_weights(name: str, *, cache_dir: str | os.PathLike | None = None, offl
         raise WeightsError(f"{label}: {repo} holds none of {', '.join(filenames)}")
     data = preprocessing_of(cfg)
     card = ModelCard(architecture=cfg["architecture"], data_config=DataConfig(**data), pretrained=label, stated=tuple(data))
-    return HubWeights(label, cfg["architecture"], repo, path, _revision(path), card, sha256_of(path))
+    return HubWeights(label, cfg["architecture"], repo, path, _revision(path), card, file_sha256(path))
 
 
 def _hub_repository(name: str, cache_dir: Any, offline: bool) -> tuple[str, str, str | None, dict[str, Any], tuple[str, ...]]:
@@ -119,14 +119,6 @@ def preprocessing_of(cfg: dict[str, Any]) -> dict[str, Any]:
         if cfg.get(key) is not None:
             out[key] = tuple(float(v) for v in cfg[key])
     return {k: v for k, v in out.items() if k in PREPROCESSING}
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -244,4 +236,4 @@ def _revision(path: Path) -> str:
     return path.parent.name if path.parent.parent.name == "snapshots" else ""
 
 
-__all__ = ["HF_PREFIX", "HubWeights", "TagInfo", "WeightsError", "cached_repos", "fetch_weights", "is_weights_name", "list_weights", "preprocessing_of", "sha256_of"]
+__all__ = ["HF_PREFIX", "HubWeights", "TagInfo", "WeightsError", "cached_repos", "fetch_weights", "is_weights_name", "list_weights", "preprocessing_of"]

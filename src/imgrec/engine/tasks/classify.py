@@ -34,8 +34,8 @@ from imgrec.engine.progress import print_recipe
 from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Task
 from imgrec.engine.trainer import Trainer, run_task, start_or_resume
 from imgrec.hardware import DTYPES, autocast
-from imgrec.models.directory import save_model_dir
 from imgrec.models.custom import check_logits, is_custom_spec, register_instance
+from imgrec.models.directory import save_model_dir
 from imgrec.models.factory import Weights, create_model, locate_weights
 from imgrec.recipe import resolve_data_config, resolve_recipe
 
@@ -139,7 +139,7 @@ class ClassifyTask(Task):
         config, run = self.config, self.run
         # The weights come from the checkpoint on resume: the pretrained file is not needed (nor read) again.
         pretrained = locate_weights(config.pretrained) if config.pretrained and run.checkpoint is None else None
-        card = pretrained_card(pretrained, config.model)
+        card = pretrained.card_for(config.model) if pretrained is not None else None
         if pretrained is not None:
             self.pretrained_source = pretrained.source
         model_options = {"drop_path_rate": config.drop_path} if config.drop_path is not None else {}
@@ -336,12 +336,6 @@ def finetune_kind(pretrained: Weights | None) -> str | None:
     return "run" if pretrained.card is not None and "repo" not in pretrained.source else "weights"
 
 
-def pretrained_card(pretrained: Weights | None, model: str) -> ModelCard | None:
-    """The card of ``--pretrained`` weights (a run directory's, or the hub config's
-    preprocessing), checked against ``--model``."""
-    return None if pretrained is None else pretrained.card_for(model)
-
-
 def freeze_backbone(model: torch.nn.Module) -> None:
     """Only the classifier trains (a linear probe): every other parameter stops requiring grad."""
     head = {id(p) for p in model.get_classifier().parameters()}
@@ -351,4 +345,4 @@ def freeze_backbone(model: torch.nn.Module) -> None:
         param.requires_grad_(id(param) in head)
 
 
-__all__ = ["ClassifyTask", "freeze_backbone", "pretrained_card", "soft_cross_entropy", "train"]
+__all__ = ["ClassifyTask", "freeze_backbone", "soft_cross_entropy", "train"]
