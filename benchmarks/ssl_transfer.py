@@ -14,6 +14,18 @@ Everything goes through the public API, the same code the CLI runs. Prints one t
 Without ``--data`` it writes the benchmark's dataset once: ``imgrec synth`` shapes without
 clutter and with a flat background colour (``--clutter 0 --background 0``), 3,000 train and
 600 val images, 96-128 px. See BENCHMARKS.md for why the flat background.
+
+**Small real data** (``--real NAME=ROOT[@SIZE] ...``, roots from ``benchmarks/real_datasets.py``):
+what a user with a few thousand unlabelled images gets from each method with its defaults (the
+recipe picks batch, optimizer, rate, crops, teacher momentum; ``@SIZE`` fixes the input size for
+every row, the only setting given), at most 20 epochs. Besides random init and the methods it
+measures weights trained on another dataset (``--other ROOT``: a supervised resnet run there),
+as they are, continued with DINO on the target's images (``--pretrained``), and a resnet18
+trained there distilled into the benchmark's model (``--method distill --teacher``). Each start
+gets a linear and a kNN probe and fine-tuning on 10% of the labels with ``imgrec train``'s
+defaults (median of 3 label draws). Pretraining runs once per method (seed 0).
+
+    python benchmarks/ssl_transfer.py --real fashion=/tmp/real/fashion-mnist photos=/tmp/real/skimage-photos@64 --other /tmp/real/opencv-digits
 """
 
 from __future__ import annotations
@@ -59,6 +71,79 @@ def last_epoch(run: Path) -> int:
     return rows[-1]["epoch"] if rows else 0
 
 
+REAL_METHODS = ("simclr", "moco", "byol", "dino")
+
+
+def run_once(run: Path, epochs: int, start, console: Console, *, resume=pretrain) -> float:
+    """``start()`` into ``run`` unless it already logged ``epochs`` epochs (an interrupted one is
+    finished with ``resume``: ``pretrain`` or ``train``); seconds spent."""
+    t0 = time.perf_counter()
+    if last_epoch(run) != epochs:
+        if (run / "last.pt").is_file():
+            resume(resume=run, console=console)
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+            start()
+    return round(time.perf_counter() - t0, 1)
+
+
+def small_real(args: argparse.Namespace, console: Console) -> None:
+    """The small-real-data table: every start on every ``--real`` dataset."""
+    out, model, epochs = Path(args.out), args.model, args.pretrain_epochs
+    other = Path(args.other)
+    seconds: dict[str, float] = {}
+    # Weights made on another dataset: the benchmark's architecture (continued pretraining starts
+    # from them) and a larger teacher (distilled from), both supervised with imgrec's defaults.
+    weights, teacher = out / f"other-{model}", out / "other-teacher-resnet18"
+    for run, arch in ((weights, model), (teacher, "resnet18")):
+        seconds[run.name] = run_once(run, epochs, lambda run=run, arch=arch: train(data=str(other), model=arch, out=str(run), epochs=epochs, tensorboard=False, console=console), console, resume=train)
+    results: dict[str, dict] = {}
+    for spec in args.real:
+        name, _, rest = spec.partition("=")
+        root, _, size = rest.partition("@")
+        image = {"img_size": int(size)} if size else {}
+        base = out / name
+        starts = {"random": f"random:{model}", f"weights from {other.name}": str(weights), f"teacher {teacher.name}": str(teacher)}
+        common = {"data": root, "model": model, "epochs": epochs, "knn_every": 0, "tensorboard": False, "console": console, "data_config": image}
+        plans = {m: {"method": m} for m in REAL_METHODS}
+        plans["dino, continued"] = {"method": "dino", "pretrained": str(weights)}
+        plans["distill"] = {"method": "distill", "teacher": str(teacher)}
+        for label, plan in plans.items():
+            run = base / ("pretrain-" + label.replace(", ", "-").replace(" ", "-"))
+            seconds[f"{name}/{label}"] = run_once(run, epochs, lambda run=run, plan=plan, common=common: pretrain(out=str(run), **common, **plan), console)
+            starts[label] = str(run)
+        # Probes see what each start was trained at; random init and the other weights get the benchmark's size.
+        probe_config = {"crop_pct": 1.0, **image} if image else {"crop_pct": 1.0, "img_size": train_size(Path(starts["simclr"]))}
+        table = {}
+        for label, start in starts.items():
+            row = {kind: probe(start, root, method=kind, data_config=probe_config, cache=base / "features")["top1"] for kind in ("linear", "knn")}
+            if not label.startswith("teacher"):
+                tuned = []
+                for seed in range(args.seeds):
+                    run = base / f"finetune-{label.replace(', ', '-').replace(' ', '-')}-seed{seed}"
+                    pretrained = None if label == "random" else start
+                    run_once(run, args.finetune_epochs, lambda run=run, seed=seed, pretrained=pretrained, root=root, image=image: train(
+                        data=root, model=model, out=str(run), pretrained=pretrained, train_fraction=args.fraction, seed=seed,
+                        epochs=args.finetune_epochs, tensorboard=False, console=console, data_config=dict(image),
+                    ), console, resume=train)  # fmt: skip
+                    tuned.append(metrics(run)[-1]["val_top1"])
+                row["finetune"], row["finetune_runs"] = statistics.median(tuned), tuned
+            table[label] = row
+        results[name] = table
+        console.print(f"\n{name} ({root}), {model}, pretraining {epochs} epochs with defaults; fine-tuning {args.fraction:.0%} of the labels, {args.finetune_epochs} epochs, median of {args.seeds}")
+        console.print(f"{'start':<34} {'linear':>8} {'kNN':>8} {'fine-tune':>10} {'seconds':>8}")
+        for label, row in table.items():
+            tuned = f"{row['finetune']:>10.2f}" if "finetune" in row else f"{'-':>10}"
+            console.print(f"{label:<34} {row['linear']:>8.2f} {row['knn']:>8.2f} {tuned} {seconds.get(f'{name}/{label}', 0):>8.0f}")
+    summary = {"results": results, "seconds": seconds, "args": vars(args)}
+    (out / "ssl_small_real.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def train_size(run: Path) -> int:
+    """The input size a pretraining run was trained at (its card's)."""
+    return int(json.loads((run / "backbone.json").read_text())["img_size"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="dataset root with train/ and val/ (default: the benchmark's synth variant, written once)")
@@ -69,9 +154,16 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE["epochs"])
     parser.add_argument("--fraction", type=float, default=0.1, help="fraction of the train labels for fine-tuning")
     parser.add_argument("--seeds", type=int, default=3, help="label draws for fine-tuning (median reported)")
+    parser.add_argument("--real", nargs="+", metavar="NAME=ROOT[@SIZE]", help="the small-real-data table on these datasets instead")
+    parser.add_argument("--other", help="--real: the dataset the 'other' weights and the distillation teacher are trained on")
     args = parser.parse_args()
 
     console = Console(soft_wrap=True)
+    if args.real:
+        if not args.other:
+            parser.error("--real needs --other ROOT (the dataset other weights are trained on)")
+        small_real(args, console)
+        return
     out = Path(args.out)
     data = Path(args.data) if args.data else demo_dataset(out / "data", BENCH_DATA, console)
     started = time.perf_counter()

@@ -84,3 +84,18 @@ def classifier(tiny_run):
     from imgrec.inference.predict import load
 
     return load(tiny_run[0], device="cpu", backend="eager")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face Hub cache (tests/hubcache.py fills it), offline, for this process and its children."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -219,10 +219,12 @@ def test_torchrun_restarts_a_crashed_rank_from_the_latest_checkpoint(data, refer
     assert all(torch.allclose(a[k], b[k], atol=DDP_ATOL, rtol=1e-4) for k in a)
 
 
-def test_ddp_pretraining_keeps_the_ranks_identical(data, tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "dino", "distill"])
+def test_ddp_pretraining_keeps_the_ranks_identical(data, tmp_path, method):
     out, hashes = tmp_path / "run", tmp_path / "hashes.txt"
-    command = ["pretrain", "--data", str(data), "--model", "test_convnext", "--method", "simclr", "--img-size", "32", "--epochs", "1",
-               "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-tensorboard", "--opt", "adamw", "--out", str(out)]  # fmt: skip
+    extra = {"simclr": [], "dino": ["--local-crops", "2", "--proj-hidden-dim", "32"], "distill": ["--teacher", str(teacher_run(tmp_path / "teacher"))]}[method]
+    command = ["pretrain", "--data", str(data), "--model", "test_convnext", "--method", method, "--img-size", "32", "--epochs", "1",
+               "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-tensorboard", "--opt", "adamw", "--out", str(out), *extra]  # fmt: skip
     done = run([*TORCHRUN, "--nproc_per_node", "2", *INJECT[1:], "--check-ranks", str(hashes), "--", *command])
     assert "per rank on 2 ranks" in done.stdout
     lines = hashes.read_text().splitlines()
@@ -230,6 +232,21 @@ def test_ddp_pretraining_keeps_the_ranks_identical(data, tmp_path):
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["knn_top1"] >= 0 and torch.isfinite(torch.tensor(row["loss"]))
     assert (out / "backbone.safetensors").is_file()
+
+
+def teacher_run(out: Path) -> Path:
+    """A run folder holding random test_resnet weights and their card: a distillation teacher."""
+    import timm
+
+    from imgrec.card import ModelCard
+    from imgrec.config import DataConfig
+    from imgrec.models.directory import save_model_dir
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=0)
+    out.mkdir(parents=True)
+    save_model_dir(out, {k: v.contiguous() for k, v in model.state_dict().items()}, ModelCard("test_resnet", DataConfig(img_size=32)))
+    return out
 
 
 def test_broken_files_under_ddp_are_skipped_and_listed_once(tmp_path):

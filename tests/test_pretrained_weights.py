@@ -9,59 +9,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from hubcache import COMMIT, TAG, hub_file, made_weights, safetensors_bytes
 from imgrec.card import ModelCard
 from imgrec.models.factory import WeightsError, create_model, locate_weights
 from imgrec.models.hub import fetch_weights, is_weights_name, list_weights
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-TAG = "test_resnet.r160_in1k"  # a tiny timm architecture with a tag on the hub (timm/test_resnet.r160_in1k)
-
-
-def hub_file(cache: Path, repo: str, filename: str, data: bytes, commit: str = COMMIT) -> Path:
-    """``data`` as ``filename`` of ``repo`` at ``commit`` in a hub cache (blob + snapshot link + refs/main)."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    blob.write_bytes(data)
-    link = folder / "snapshots" / commit / filename
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(os.path.relpath(blob, link.parent))
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(commit)
-    return link
-
-
-def made_weights(architecture: str = "test_resnet", seed: int = 3) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = create_model(architecture, num_classes=1000)
-    return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def safetensors_bytes(tensors: dict[str, torch.Tensor], tmp_path: Path) -> bytes:
-    path = tmp_path / "w.safetensors"
-    save_file(tensors, str(path))
-    return path.read_bytes()
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch) -> Path:
-    """An empty hub cache, offline, for this process and its children."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def test_a_timm_tag_loads_the_cached_bytes_bit_exact(hub, tmp_path):

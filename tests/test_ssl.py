@@ -87,7 +87,7 @@ def two_view_batch(seed: int = 0, images: int = 8, size: int = 32) -> torch.Tens
 
 
 def test_method_registry():
-    assert set(METHODS) == {"simclr", "byol", "moco"}
+    assert set(METHODS) == {"simclr", "byol", "moco", "dino", "distill"}
     assert method_class("simclr") is SimCLR and method_class("byol") is BYOL and method_class("moco") is MoCoV3
     with pytest.raises(ValueError, match="simclr"):
         method_class("nonsense")

@@ -44,6 +44,7 @@ class ModelCard:
     weights: str | None = None  # which copy the file holds: "model" or "ema" (the better on validation)
     pretrained: str | None = None  # the weights the run started from (a file, a run or a name), None for a random start
     pretrained_source: dict[str, str] = field(default_factory=dict)  # those weights' name, file, SHA-256 (and hub repo, revision)
+    teacher: dict[str, str] = field(default_factory=dict)  # a distilled backbone's teacher: name, architecture, file, SHA-256
     model_args: dict[str, Any] = field(default_factory=dict)  # a model class's constructor arguments
     method: str | None = None  # a backbone's self-supervised method
     feature_dim: int | None = None  # a backbone's pooled feature size
@@ -68,7 +69,7 @@ class ModelCard:
             payload.update(num_classes=self.num_classes, classes=list(self.classes), input_size=[3, self.img_size, self.img_size])
         payload.update(preprocessing(self.data_config))
         payload.update(self.metrics)
-        optional = {"class_names": self.class_names, "weights": self.weights, "pretrained": self.pretrained, "pretrained_source": self.pretrained_source, "model_args": self.model_args, "method": self.method,
+        optional = {"class_names": self.class_names, "weights": self.weights, "pretrained": self.pretrained, "pretrained_source": self.pretrained_source, "teacher": self.teacher, "model_args": self.model_args, "method": self.method,
                     "feature_dim": self.feature_dim, "epochs": self.epochs}  # fmt: skip
         payload.update({k: v for k, v in optional.items() if v not in (None, {}, [])})
         return payload

@@ -205,7 +205,11 @@ class PretrainConfig(LoopConfig):
 
     OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("lars", "adamw", "sgd")
 
-    method: str = option("simclr", "simclr (contrastive, default), moco (MoCo v3: contrastive, momentum teacher) or byol (momentum teacher, no negatives)")
+    method: str = option(
+        "simclr",
+        "simclr (contrastive, default), moco (MoCo v3: contrastive, momentum teacher), byol (momentum teacher, no negatives), "
+        "dino (self-distillation, multi-crop) or distill (learn a frozen --teacher's embeddings)",
+    )
     out: str = option("runs/pretrain", "run directory")
     epochs: int = option(100, "passes over the images")
     opt: str | None = option(None, "default: the method's (LARS) at batches of 1,024 and more, else AdamW", choices=OPTIMIZERS)
@@ -217,7 +221,12 @@ class PretrainConfig(LoopConfig):
     jitter_strength: float = option(1.0, "scale the method's colour jitter (brightness, contrast, saturation, hue; hue at most 0.5)")
     blur: bool = option(True, "the method's Gaussian blur in the views (off suits images of ~32 px)")
     lars_trust: float = option(1e-3, "LARS trust coefficient (the papers' at batch 4096; small batches want ~0.02)")
-    teacher_momentum: float | None = option(None, "MoCo v3, BYOL: the teacher's EMA rate at the start, rising to 1 (0.99, 0.996)")
+    teacher_momentum: float | None = option(None, "MoCo v3, BYOL, DINO: the teacher's EMA rate at the start, rising to 1 (default: the paper's 0.99 or 0.996, lower for short runs)")
+    local_crops: int | None = option(None, "DINO: small views per image besides the 2 global ones (default 6)")
+    teacher: str | None = option(
+        None, "--method distill: the frozen teacher, a timm tag or hf-hub:ORG/REPO (through the Hugging Face cache), or a run directory",
+        metavar="NAME_OR_RUN",
+    )
     knn_k: int = option(20, "neighbours of the kNN monitor")
     knn_temperature: float = option(0.07, "vote weight exp(cosine / T) of the kNN monitor")
     knn_every: int = option(1, "run the kNN monitor every N epochs (0 = never); the last epoch always runs it when on")
@@ -236,6 +245,8 @@ class PretrainConfig(LoopConfig):
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.knn_every < 0:
             raise ValueError(f"knn_every must be 0 (no monitor) or a number of epochs, got {self.knn_every}")
+        if self.local_crops is not None and self.local_crops < 0:
+            raise ValueError(f"local_crops must be 0 or more, got {self.local_crops}")
         if self.teacher_momentum is not None and not 0 <= self.teacher_momentum <= 1:
             raise ValueError(f"teacher_momentum must be in [0, 1], got {self.teacher_momentum}")
         unused = [k for k in ("auto_augment", "rotation", "random_erasing") if self.data_config.get(k)]

@@ -101,6 +101,9 @@ RULES: dict[str, Any] = {
     "mirror": 1.0,  # no horizontal flip when mirroring moves the classes' average images more than they differ (digits, writing)
     "pretrain_lars_batch": 1024,  # self-supervised methods keep their paper's LARS only at global batches this large...
     "pretrain_adamw": {"base_lr": 4e-3, "weight_decay": 1e-4},  # ...and use AdamW below (benchmarks/ssl_transfer.py)
+    "pretrain_crop_px": 16,  # a pretraining view crops at least this many pixels of the image's shorter side (smaller crops of small images hold nothing)
+    "teacher_horizon": 0.05,  # a momentum teacher averages over at most this fraction of the run's steps (1 / (1 - momentum))
+    "dino_prototypes": 4096,  # DINO's output size below ``large`` images (the paper's 65,536 are for ImageNet)
 }
 
 
@@ -117,6 +120,7 @@ def pick_batch_size(images: int, device: torch.device) -> tuple[int, str]:
     low, high = RULES["batch_gpu"] if device.type == "cuda" else RULES["batch_cpu"]
     wanted = max(1, images // RULES["steps_per_epoch"])
     batch = max(low, min(high, 1 << (wanted.bit_length() - 1)))
+    batch = min(batch, 1 << (max(1, images).bit_length() - 1))  # never more than the images: at least one full batch
     return batch, f"{images:,} images: {images // batch} steps per epoch"
 
 
@@ -193,6 +197,8 @@ def resolve_recipe(
     choices += pick_pretrain_optimizer(config, batch) if pretraining else pick_base_lr(config, stats, batch, finetune)
     choices += pick_warmup(config, finetune)
     choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining, epochs=config.epochs)
+    if pretraining:
+        choices += pick_pretrain_method_settings(config, stats, batch)
     choices += pick_flip(stats, config.data_config)
     fields = {c.name: c.value for c in choices if c.name in {f.name for f in dataclasses.fields(config)}}
     data = {c.name: c.value for c in choices if c.name not in fields}
@@ -210,6 +216,34 @@ def pick_pretrain_optimizer(config: PretrainConfig, batch: int) -> list[Choice]:
         choices.append(Choice("base_lr", adamw["base_lr"], f"AdamW for self-supervised learning at small batches: {adamw['base_lr']:g} per 256 images"))
     if config.weight_decay is None:
         choices.append(Choice("weight_decay", adamw["weight_decay"], "AdamW for self-supervised learning at small batches"))
+    return choices
+
+
+def pick_pretrain_method_settings(config: PretrainConfig, stats: DataStats, batch: int) -> list[Choice]:
+    """The views' crop range for the images' size, a momentum teacher's starting rate for the run's
+    real number of steps, and DINO's prototypes for the data's size: where the user set none."""
+    from imgrec.engine.tasks import method_class
+
+    method = method_class(config.method)
+    choices = []
+    if "scale" not in config.data_config:
+        low, why = method.crop_scale[0], f"{config.method}'s views crop {method.crop_scale[0]:.0%}-100% of the image"
+        if stats.short_side:
+            least = min(1.0, (RULES["pretrain_crop_px"] / stats.short_side) ** 2)
+            if least > low:
+                low, why = round(least, 2), f"images of {stats.short_side} px: a crop keeps at least {RULES['pretrain_crop_px']} px of the side ({config.method}'s own {method.crop_scale[0]:.0%} would keep {stats.short_side * method.crop_scale[0] ** 0.5:.0f})"
+        choices.append(Choice("scale", (low, 1.0), why))
+    paper = getattr(method, "teacher_momentum", None)
+    if paper is not None and config.teacher_momentum is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        steps = config.epochs * max(1, -(-stats.images // (batch * config.accum_steps * world)))
+        horizon = RULES["teacher_horizon"] * steps
+        if horizon < 1 / (1 - paper):
+            momentum = round(max(0.0, 1 - 1 / max(horizon, 1.0)), 4)
+            why = f"{steps:,} steps: the teacher averages over its last ~{max(horizon, 1):.0f} ({RULES['teacher_horizon']:.0%} of the run); the paper's {paper:g} would average over {1 / (1 - paper):.0f}"
+            choices.append(Choice("teacher_momentum", momentum, why))
+    if config.method == "dino" and config.proj_dim is None and stats.images < RULES["large"]:
+        choices.append(Choice("proj_dim", RULES["dino_prototypes"], f"{stats.images:,} images: {RULES['dino_prototypes']:,} prototypes (the paper's 65,536 are for ImageNet's 1.28 million)"))
     return choices
 
 

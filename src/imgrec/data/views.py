@@ -30,6 +30,8 @@ class ViewSpec:
     greyscale_p: float = 0.2
     blur_p: float = 0.5
     solarize_p: float = 0.0
+    size: float = 1.0  # the view's side as a fraction of img_size (DINO's local crops: 96 / 224)
+    scale: tuple[float, float] | None = None  # its crop's area range (None: the data config's scale)
 
 
 def adjust_view(spec: ViewSpec, *, jitter_strength: float = 1.0, blur: bool = True) -> ViewSpec:
@@ -59,8 +61,19 @@ def view_augment(spec: ViewSpec, img_size: int) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def view_size(spec: ViewSpec, img_size: int) -> int:
+    """A view's side in pixels: ``spec.size`` of ``img_size``, a multiple of 8 and at least 32 when
+    scaled (five stride-2 stages need it; below, bf16 weight gradients of the last stage's 1x1 maps
+    came out NaN now and then on the CPU)."""
+    if spec.size == 1.0:
+        return img_size
+    return max(32, 8 * round(img_size * spec.size / 8))
+
+
 class MultiViewTransform:
-    """Every view of one image: a uint8 tensor [V, 3, img_size, img_size].
+    """Every view of one image: a uint8 tensor [V, 3, img_size, img_size] when the views share a
+    size, else a tuple of such tensors, one per size in the order the sizes first appear (DINO's
+    multi-crop: the global views, then the local ones).
 
     The file is read once (``loader="fast"``: each view decodes its own crop of the bytes at
     the crop's scale) or decoded once (``"standard"``: Pillow, then each view crops the image).
@@ -73,23 +86,30 @@ class MultiViewTransform:
             raise ValueError("a multi-view transform needs at least one view")
         self.loader = check_loader(loader)
         self.specs = list(views)
+        self.sizes = [view_size(spec, config.img_size) for spec in views]
         self.views = [
             RandomResizedCropDecode(
-                config.img_size, scale=config.scale, ratio=config.ratio, hflip=config.hflip,
-                interpolation=config.interpolation, augment=view_augment(spec, config.img_size),
+                size, scale=spec.scale or config.scale, ratio=config.ratio, hflip=config.hflip,
+                interpolation=config.interpolation, augment=view_augment(spec, size),
             )
-            for spec in views
+            for spec, size in zip(views, self.sizes)
         ]  # fmt: skip
+        # Views of one size, grouped in order of first appearance; a view's index among all views
+        # is kept (each draws its crop in that order, so the random stream does not depend on grouping).
+        self.groups = [[i for i, s in enumerate(self.sizes) if s == size] for size in dict.fromkeys(self.sizes)]
 
-    def __call__(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    def __call__(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self.loader == "standard":
             source = load_rgb(source, max_pixels)
         else:
             source = read_image_bytes(source)
-        return torch.stack([view(source, max_pixels) for view in self.views])
+        views = [view(source, max_pixels) for view in self.views]
+        if len(self.groups) == 1:
+            return torch.stack(views)
+        return tuple(torch.stack([views[i] for i in group]) for group in self.groups)
 
     def __repr__(self) -> str:
         return f"MultiViewTransform({len(self.views)} views, {self.views[0]!r}, loader={self.loader})"
 
 
-__all__ = ["MultiViewTransform", "ViewSpec", "adjust_view", "blur_kernel", "view_augment"]
+__all__ = ["MultiViewTransform", "ViewSpec", "adjust_view", "blur_kernel", "view_augment", "view_size"]

@@ -2,7 +2,7 @@
 
 ``classify.py`` is supervised classification (``imgrec.train``), ``pretrain.py`` self-supervised
 pretraining (``imgrec.pretrain``) with one file per method (``simclr.py``, ``moco.py``,
-``byol.py``, on the interface of ``ssl.SSLMethod``). A method owns its views (the augmentation of
+``byol.py``, ``dino.py``, ``distill.py``, on the interface of ``ssl.SSLMethod``). A method owns its views (the augmentation of
 its paper), its heads and its loss; the pretraining task owns its data and the kNN monitor; the
 trainer owns the loop. To add a method, write ``tasks/<name>.py`` with a subclass of ``SSLMethod``
 and name it in ``METHODS``; a new kind of task subclasses ``base.Task``.
@@ -18,6 +18,8 @@ METHODS = {
     "simclr": "imgrec.engine.tasks.simclr:SimCLR",
     "byol": "imgrec.engine.tasks.byol:BYOL",
     "moco": "imgrec.engine.tasks.moco:MoCoV3",
+    "dino": "imgrec.engine.tasks.dino:DINO",
+    "distill": "imgrec.engine.tasks.distill:Distill",
 }
 
 

@@ -117,7 +117,13 @@ class PretrainTask(Task):
 
     @classmethod
     def check(cls, config: PretrainConfig) -> None:
-        method_class(config.method)  # an unknown method is refused before anything is written
+        method = method_class(config.method)  # an unknown method is refused before anything is written
+        if getattr(method, "needs_teacher", False) and not config.teacher:
+            raise ValueError(f"--method {config.method} learns from a teacher: pass --teacher NAME_OR_RUN (a timm tag such as resnet50.a1_in1k, hf-hub:ORG/REPO, or a run directory)")
+        if config.teacher and not getattr(method, "needs_teacher", False):
+            raise ValueError(f"--teacher applies to --method distill, not {config.method}")
+        if config.local_crops and not method.local_crops:
+            raise ValueError(f"--local-crops applies to --method dino, not {config.method}")
 
     def __init__(self, config: PretrainConfig, run: RunContext):
         self.config, self.run = config, run
@@ -134,12 +140,20 @@ class PretrainTask(Task):
             config = self.config
         self.data_config = dc = resolve_data_config(backbone, card=card, **config.data_config)
         self.method_class = cls = method_class(config.method)
+        options: dict[str, Any] = {}
+        self.teacher_source: dict[str, Any] = {}
+        if getattr(cls, "needs_teacher", False):
+            from imgrec.engine.tasks.distill import load_teacher
+
+            teacher, width, self.teacher_source = load_teacher(config.teacher, dc)
+            options.update(teacher=teacher, teacher_dim=width)
         self.method = cls.build(
             backbone, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim,
-            temperature=config.temperature, teacher_momentum=config.teacher_momentum,
+            temperature=config.temperature, teacher_momentum=config.teacher_momentum, **options,
         )  # fmt: skip
-        self.num_views = len(cls.views)
-        views = [adjust_view(spec, jitter_strength=config.jitter_strength, blur=config.blur) for spec in cls.views]
+        specs = cls.view_specs(dc, config.local_crops)
+        self.num_views = len(specs)
+        views = [adjust_view(spec, jitter_strength=config.jitter_strength, blur=config.blur) for spec in specs]
         self.train_set.transform = MultiViewTransform(dc, views, config.loader)
         self.module = self.method.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
         self.saved = self.method.backbone
@@ -162,11 +176,12 @@ class PretrainTask(Task):
         weight_decay = config.weight_decay if config.weight_decay is not None else (cls.weight_decay if paper else WEIGHT_DECAY[opt])
         return OptimizerSettings(opt, base_lr, weight_decay, lars_trust=config.lars_trust)
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
-        views = batch[0].to(self.run.device, non_blocking=True)  # uint8 [B, V, 3, H, W]; labels unused
-        inputs = self.normalize(views.transpose(0, 1).flatten(0, 1))  # view-major [V * B, 3, H, W]
+    def loss(self, batch: tuple[Any, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
+        # uint8 [B, V, 3, H, W], or one such tensor per view size (multi-crop); labels unused
+        groups = batch[0] if isinstance(batch[0], (list, tuple)) else [batch[0]]
+        inputs = [self.normalize(g.to(self.run.device, non_blocking=True).transpose(0, 1).flatten(0, 1)) for g in groups]  # view-major [V * B, 3, H, W]
         with autocast(self.run.device, self.run.precision):
-            return forward(inputs, self.num_views), views.shape[0]
+            return forward(inputs if len(inputs) > 1 else inputs[0], self.num_views), groups[0].shape[0]
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.method.after_step(step / total_steps)
@@ -200,25 +215,31 @@ class PretrainTask(Task):
         """The backbone's weights and card (backbone.safetensors, backbone.json), every epoch."""
         card = ModelCard(
             architecture=self.config.model, data_config=self.data_config, method=self.config.method, epochs=self.config.epochs,
-            pretrained=self.config.pretrained, pretrained_source=dict(self.pretrained_source),
+            pretrained=self.config.pretrained, pretrained_source=dict(self.pretrained_source), teacher=dict(self.teacher_source),
             feature_dim=self.method.feature_dim, metrics={"epoch": row["epoch"], **{k: row[k] for k in ("loss", "knn_top1", "knn_top5") if k in row}},
         )  # fmt: skip
         state, out = snapshot(self.method.backbone_state()), self.run.out
         return lambda: save_model_dir(out, state, card, weights_name=BACKBONE_WEIGHTS, card_name=BACKBONE_CARD)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.method.state_dict(), "pretrained_source": self.pretrained_source}
+        return {"model": self.method.state_dict(), "pretrained_source": self.pretrained_source, "teacher_source": self.teacher_source}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_state_dict(checkpoint["model"])
         self.pretrained_source = dict(checkpoint.get("pretrained_source") or {})
+        recorded = dict(checkpoint.get("teacher_source") or {})
+        if recorded.get("sha256") != self.teacher_source.get("sha256"):
+            raise ValueError(
+                f"the teacher {self.config.teacher} is not the one this run started with (SHA-256 {self.teacher_source.get('sha256', '-')[:12]}, "
+                f"recorded {recorded.get('sha256', '-')[:12]}): put its weights back ({recorded.get('file', '?')}) to resume exactly"
+            )
 
     def start_line(self, batch: str, lr: float) -> str:
         config, run = self.config, self.run
         monitor = f"kNN monitor on {len(self.query_set)} labelled val images" if self.monitor_loaders else self.monitor_note
         opt = config.opt or self.method_class.optimizer
         return (
-            f"pretraining {config.model} with {config.method} on {len(self.train_set)} images; {monitor}; {run.device.type}, "
+            f"pretraining {config.model} with {config.method}{f' from teacher {config.teacher}' if config.teacher else ''} on {len(self.train_set)} images; {monitor}; {run.device.type}, "
             f"{run.precision}, {opt} batch {batch}, peak lr {lr:.3g}, {config.epochs} epochs"
         )
 

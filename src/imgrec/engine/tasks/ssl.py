@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from imgrec.config import DataConfig
 from imgrec.data.views import ViewSpec
 
 
@@ -35,6 +36,8 @@ class SSLMethod(nn.Module):
     proj_hidden_dim: ClassVar[int]
     proj_dim: ClassVar[int]
     views: ClassVar[tuple[ViewSpec, ...]]
+    crop_scale: ClassVar[tuple[float, float]] = (0.08, 1.0)  # the views' crop area range in the paper
+    local_crops: ClassVar[int] = 0  # multi-crop methods: small views besides the global ones
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -50,6 +53,11 @@ class SSLMethod(nn.Module):
         if foreign:
             raise ValueError(f"{', '.join(foreign)} do(es) not apply to {cls.name}: leave it unset")
         return cls(backbone, **given)
+
+    @classmethod
+    def view_specs(cls, data: DataConfig, local_crops: int | None = None) -> tuple[ViewSpec, ...]:
+        """The views of each image: the paper's, each cropping ``data.scale`` (the recipe's choice)."""
+        return cls.views
 
     def forward(self, images: torch.Tensor, num_views: int = 2) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,398 @@
+"""DINO (self-distillation with multi-crop) and feature distillation from a frozen teacher: their
+losses against hand computations, the multi-crop views, the teacher's centre and temperature,
+the checkpoint without the teacher's weights, ``imgrec pretrain --method dino|distill`` end to
+end with bitwise-exact resume, a teacher by name from a hub cache, and the recipe's choices for
+short runs on small images."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+
+from hubcache import TAG, hub_file, made_weights, safetensors_bytes
+from imgrec.card import ModelCard
+from imgrec.cli import main
+from imgrec.config import DataConfig, PretrainConfig
+from imgrec.data.stats import DataStats
+from imgrec.data.views import MultiViewTransform, ViewSpec, view_size
+from imgrec.engine.checkpoint import load_checkpoint
+from imgrec.engine.tasks import METHODS, method_class
+from imgrec.engine.tasks import pretrain as pretrain_module
+from imgrec.engine.tasks.dino import DINO, DINOHead, dino_loss, teacher_temperature
+from imgrec.engine.tasks.distill import Distill, Renormalize, distill_loss
+from imgrec.engine.tasks.pretrain import pretrain
+from imgrec.models.directory import save_model_dir
+from imgrec.recipe import RULES, resolve_recipe
+from runs import quiet, read_metrics
+
+API_COMMON = {
+    "model": "resnet10t", "epochs": 2, "batch_size": 8, "workers": 0, "device": "cpu", "precision": "fp32",
+    "tensorboard": False, "warmup_epochs": 1, "data_config": {"img_size": 32},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    """A resnet18 'training run' folder (random weights, a card with its own mean and std): a teacher."""
+    torch.manual_seed(7)
+    model = timm.create_model("resnet18", num_classes=3)
+    card = ModelCard("resnet18", DataConfig(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), classes=["a", "b", "c"])
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    out.mkdir()
+    save_model_dir(out, {k: v.contiguous() for k, v in model.state_dict().items()}, card)
+    return out
+
+
+# --- DINO's loss, by hand -------------------------------------------------------------------------
+
+
+def softmax(row: list[float]) -> list[float]:
+    top = max(row)
+    e = [math.exp(v - top) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def dino_loss_by_hand(student, teacher, center, student_temp, teacher_temp, global_views=2) -> float:
+    """The paper's pseudo-code with loops: for each teacher global view i and each student view
+    j != i, the batch mean of -sum_k softmax((t - c) / tt)_k log softmax(s / ts)_k; then the mean."""
+    b = len(teacher) // global_views
+    views = len(student) // b
+    total, pairs = 0.0, 0
+    for i in range(global_views):
+        for j in range(views):
+            if i == j:
+                continue
+            term = 0.0
+            for n in range(b):
+                t = softmax([(v - c) / teacher_temp for v, c in zip(teacher[i * b + n], center)])
+                s = softmax([v / student_temp for v in student[j * b + n]])
+                term += -sum(tk * math.log(sk) for tk, sk in zip(t, s))
+            total += term / b
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("local_views", [0, 1, 4])
+def test_dino_loss_matches_the_hand_computation(local_views):
+    gen = torch.Generator().manual_seed(local_views)
+    b, k = 3, 5
+    student = torch.randn((2 + local_views) * b, k, generator=gen)
+    teacher = torch.randn(2 * b, k, generator=gen)
+    center = torch.randn(1, k, generator=gen) * 0.3
+    got = dino_loss(student, teacher, center, 0.1, 0.04).item()
+    want = dino_loss_by_hand(student.tolist(), teacher.tolist(), center[0].tolist(), 0.1, 0.04)
+    assert got == pytest.approx(want, rel=1e-5)
+    # The teacher's view i is never compared with the student's view i: identical logits there change nothing.
+    same = student.clone()
+    same[:b] = teacher[:b] * 7
+    assert dino_loss(same, teacher, center, 0.1, 0.04).item() == pytest.approx(
+        dino_loss_by_hand(same.tolist(), teacher.tolist(), center[0].tolist(), 0.1, 0.04), rel=1e-5
+    )
+
+
+def test_dino_loss_gradient_reaches_only_the_student():
+    student = torch.randn(8, 6, requires_grad=True)
+    teacher = torch.randn(4, 6, requires_grad=True)
+    dino_loss(student, teacher, torch.zeros(1, 6), 0.1, 0.04).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None  # the teacher's outputs are targets
+
+
+def test_teacher_temperature_warms_up_then_holds():
+    assert teacher_temperature(0.0, 0.04, 0.07, 0.3) == pytest.approx(0.04)
+    assert teacher_temperature(0.15, 0.04, 0.07, 0.3) == pytest.approx(0.055)
+    assert teacher_temperature(0.3, 0.04, 0.07, 0.3) == pytest.approx(0.07)
+    assert teacher_temperature(0.9, 0.04, 0.07, 0.3) == pytest.approx(0.07)
+    assert teacher_temperature(0.1, 0.04, 0.07, 0.0) == pytest.approx(0.07)
+
+
+def test_dino_head_gives_cosines_to_unit_prototypes():
+    torch.manual_seed(0)
+    head = DINOHead(16, 10, hidden_dim=32, bottleneck=8)
+    with torch.no_grad():
+        head.prototypes.mul_(5.0)  # the prototypes' length does not count
+        logits = head(torch.randn(4, 16))
+    embedding = F.normalize(head.mlp(torch.randn(0, 16)), dim=-1)
+    assert embedding.shape == (0, 8)
+    assert logits.shape == (4, 10) and logits.abs().max() <= 1.0 + 1e-6
+
+
+def test_dino_forward_centres_on_the_teachers_global_views_only():
+    torch.manual_seed(0)
+    method = DINO.build(timm.create_model("resnet10t", num_classes=0), proj_hidden_dim=32, proj_dim=16, teacher_momentum=0.9)
+    method.train()
+    b = 4
+    globals_, locals_ = torch.randn(2 * b, 3, 32, 32), torch.randn(3 * b, 3, 32, 32)
+    seen = []
+    method.teacher_backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        expected_teacher = method.teacher_head(method.teacher_backbone(globals_))
+        student = torch.cat([method.head(method.backbone(globals_)), method.head(method.backbone(locals_))])
+    seen.clear()
+    loss = method([globals_, locals_])
+    assert seen == [2 * b]  # the teacher sees the 2 global views, not the locals
+    want = dino_loss(student, expected_teacher, torch.zeros(1, 16), method.student_temp, 0.04)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    # centre = 0.9 * 0 + 0.1 * the batch mean of the teacher's outputs
+    assert torch.allclose(method.center, 0.1 * expected_teacher.mean(dim=0, keepdim=True), atol=1e-6)
+    method.eval()
+    before = method.center.clone()
+    method([globals_, locals_])
+    assert torch.equal(method.center, before)  # evaluation leaves the centre alone
+
+
+def test_dino_teacher_follows_by_ema_and_progress_sets_the_temperature():
+    torch.manual_seed(0)
+    method = DINO.build(timm.create_model("resnet10t", num_classes=0), proj_hidden_dim=32, proj_dim=16, teacher_momentum=0.5)
+    with torch.no_grad():
+        for p in method.head.parameters():
+            p.add_(1.0)
+    teacher_before = [p.clone() for p in method.teacher_head.parameters()]
+    method.after_step(0.0)  # progress 0: momentum = base 0.5
+    for t0, t, s in zip(teacher_before, method.teacher_head.parameters(), method.head.parameters()):
+        assert torch.allclose(t, 0.5 * t0 + 0.5 * s, atol=1e-6)
+    assert float(method.progress) == 0.0
+    method.after_step(0.6)
+    assert float(method.progress) == pytest.approx(0.6)
+    assert "progress" in method.state_dict() and "center" in method.state_dict()  # both resume with the run
+
+
+# --- the multi-crop views ---------------------------------------------------------------------------
+
+
+def test_multi_crop_views_come_as_one_tensor_per_size(tiny_shapes):
+    data = DataConfig(img_size=96, scale=(0.3, 1.0))
+    specs = DINO.view_specs(data, local_crops=3)
+    assert len(specs) == 5 and specs[0].scale is None and specs[1].scale is None  # the globals crop the data config's range
+    assert specs[2].scale == (0.05, 0.3) and all(s == specs[2] for s in specs[2:])  # the locals crop below it
+    transform = MultiViewTransform(data, list(specs), "standard")
+    image = next(p for p in sorted((tiny_shapes / "train").rglob("*")) if p.is_file())
+    globals_, locals_ = transform(str(image))
+    assert globals_.shape == (2, 3, 96, 96) and globals_.dtype == torch.uint8
+    assert locals_.shape == (3, 3, 40, 40)  # 96 x 96/224 = 41 -> 40, a multiple of 8
+    assert view_size(ViewSpec(size=96 / 224), 32) == 32  # never below 32 px
+    single = MultiViewTransform(data, list(DINO.view_specs(data, local_crops=0)), "standard")
+    assert single(str(image)).shape == (2, 3, 96, 96)
+
+
+# --- feature distillation --------------------------------------------------------------------------
+
+
+def test_distill_loss_matches_the_hand_computation():
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    by_hand = 0.0
+    for a, b in zip(s.tolist(), t.tolist()):
+        cos = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+        by_hand += 2 - 2 * cos
+    assert distill_loss(s, t).item() == pytest.approx(by_hand / 6, rel=1e-5)
+    assert distill_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_renormalize_gives_the_teachers_normalisation():
+    a = DataConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    b = DataConfig(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    pixels = torch.rand(2, 3, 4, 4)
+    as_a = (pixels - torch.tensor(a.mean).view(1, 3, 1, 1)) / torch.tensor(a.std).view(1, 3, 1, 1)
+    as_b = (pixels - torch.tensor(b.mean).view(1, 3, 1, 1)) / torch.tensor(b.std).view(1, 3, 1, 1)
+    assert torch.allclose(Renormalize(a, b)(as_a), as_b, atol=1e-5)
+
+
+def test_distill_projects_widths_keeps_the_teacher_frozen_and_out_of_checkpoints():
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet18", num_classes=0)
+    method = Distill.build(timm.create_model("resnet10t", num_classes=0), teacher=torch.nn.Sequential(teacher), teacher_dim=512)
+    assert isinstance(method.projector, torch.nn.Identity)  # same width: no projection
+    narrow = timm.create_model("test_resnet", num_classes=0)
+    method = Distill.build(narrow, teacher=torch.nn.Sequential(teacher), teacher_dim=512)
+    assert isinstance(method.projector, torch.nn.Linear) and method.projector.weight.shape == (512, narrow.num_features)
+    method.train()
+    assert not method.teacher.training and method.backbone.training  # the teacher keeps its statistics
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    images = torch.randn(4, 3, 32, 32)
+    loss = method(images)
+    loss.backward()
+    assert 0 <= loss.item() <= 4
+    assert method.projector.weight.grad is not None and all(p.grad is None for p in method.teacher.parameters())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in method.teacher.state_dict().items())  # BN statistics untouched
+    state = method.state_dict()
+    assert state and not any(k.startswith("teacher.") for k in state)
+    fresh = Distill.build(timm.create_model("test_resnet", num_classes=0), teacher=torch.nn.Sequential(teacher), teacher_dim=512)
+    fresh.load_state_dict(state)  # the teacher's weights come from its source, the rest from the checkpoint
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+
+def test_methods_are_registered():
+    assert {"dino", "distill"} <= set(METHODS)
+    assert method_class("dino") is DINO and method_class("distill") is Distill
+
+
+def test_cli_dino_pretrains_a_loadable_backbone(tiny_shapes, tmp_path):
+    out = tmp_path / "dino"
+    code = main(["pretrain", "--data", str(tiny_shapes), "--model", "resnet10t", "--method", "dino", "--out", str(out), "--epochs", "2",
+                 "--batch-size", "8", "--img-size", "32", "--workers", "0", "--proj-hidden-dim", "32", "--local-crops", "2", "--no-tensorboard"])  # fmt: skip
+    assert code == 0
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and "knn_top1" in r for r in rows)
+    card = json.loads((out / "backbone.json").read_text())
+    assert card["method"] == "dino" and card["feature_dim"] == 512
+    config = (out / "config.yaml").read_text()
+    assert "proj_dim: 4096" in config and "local_crops: 2" in config  # the recipe's prototypes for 24 images
+    weights = safetensors.torch.load_file(str(out / "backbone.safetensors"))
+    backbone = timm.create_model("resnet10t", num_classes=0)
+    backbone.load_state_dict(weights)
+
+
+@pytest.mark.parametrize("method", ["dino", "distill"])
+def test_resume_after_a_crash_is_bitwise_exact(tiny_shapes, teacher_run, tmp_path, monkeypatch, method):
+    extra = {"teacher": str(teacher_run)} if method == "distill" else {"proj_hidden_dim": 32, "proj_dim": 64, "local_crops": 2}
+    straight = pretrain(data=str(tiny_shapes), method=method, out=str(tmp_path / "x"), console=quiet(), **API_COMMON, **extra)
+    original = pretrain_module.PretrainTask.save
+    calls = []
+
+    def crash_on_second(self, row):
+        calls.append(row["epoch"])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash after epoch 2 was logged")
+        return original(self, row)
+
+    crashed = tmp_path / "y"
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain_module.PretrainTask, "save", crash_on_second)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            pretrain(data=str(tiny_shapes), method=method, out=str(crashed), console=quiet(), **API_COMMON, **extra)
+    assert load_checkpoint(crashed / "last.pt")["epoch"] == 1
+    assert main(["pretrain", "--resume", str(crashed)]) == 0
+    timing = {"seconds", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(straight)] == [
+        {k: v for k, v in r.items() if k not in timing} for r in read_metrics(crashed)
+    ]
+    a = safetensors.torch.load_file(str(straight / "backbone.safetensors"))
+    b = safetensors.torch.load_file(str(crashed / "backbone.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state_x, state_y = load_checkpoint(straight / "last.pt"), load_checkpoint(crashed / "last.pt")
+    assert state_x["model"].keys() == state_y["model"].keys()
+    for key in state_x["model"]:  # DINO's teacher, centre and progress; distillation's projection
+        assert torch.equal(state_x["model"][key], state_y["model"][key]), key
+    if method == "distill":
+        assert not any(k.startswith("teacher.") for k in state_x["model"])
+        card = json.loads((straight / "backbone.json").read_text())
+        assert card["teacher"]["architecture"] == "resnet18" and len(card["teacher"]["sha256"]) == 64
+
+
+def test_distill_from_a_named_teacher_in_the_hub_cache(tiny_shapes, hub, tmp_path):
+    tensors = made_weights("test_resnet", seed=5)
+    hub_file(hub, f"timm/{TAG}", "model.safetensors", safetensors_bytes(tensors, tmp_path))
+    out = tmp_path / "run"
+    pretrain(data=str(tiny_shapes), method="distill", teacher=TAG, out=str(out), console=quiet(), **{**API_COMMON, "epochs": 1})
+    card = json.loads((out / "backbone.json").read_text())
+    assert card["teacher"]["name"] == TAG and card["teacher"]["architecture"] == "test_resnet"
+    # The teacher in the run is the cached weights, bit for bit.
+    from imgrec.engine.tasks.distill import load_teacher
+
+    teacher, width, _ = load_teacher(TAG, DataConfig(img_size=32))
+    model = teacher[1]
+    assert width == model.num_features
+    assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
+
+
+def test_distill_refuses_a_changed_teacher_on_resume(tiny_shapes, teacher_run, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_run, teacher)
+    out = tmp_path / "run"
+    pretrain(
+        data=str(tiny_shapes),
+        method="distill",
+        teacher=str(teacher),
+        out=str(out),
+        console=quiet(),
+        **{**API_COMMON, "epochs": 2},
+    )
+    checkpoint = load_checkpoint(out / "last.pt")
+    checkpoint["epoch"], checkpoint["step"] = 1, 0
+    torch.save(checkpoint, out / "last.pt")
+    weights = safetensors.torch.load_file(str(teacher / "model.safetensors"))
+    weights["fc.bias"] = weights["fc.bias"] + 1
+    safetensors.torch.save_file(weights, str(teacher / "model.safetensors"))
+    assert main(["pretrain", "--resume", str(out)]) != 0
+    assert "not the one this run started with" in capsys.readouterr().err
+
+
+def test_teacher_errors_are_plain(tiny_shapes, teacher_run, tmp_path, capsys):
+    common = [
+        "pretrain",
+        "--data",
+        str(tiny_shapes),
+        "--model",
+        "resnet10t",
+        "--img-size",
+        "32",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--no-tensorboard",
+    ]
+    assert main([*common, "--method", "distill", "--out", str(tmp_path / "a")]) != 0
+    assert "pass --teacher" in capsys.readouterr().err
+    assert main([*common, "--method", "simclr", "--teacher", str(teacher_run), "--out", str(tmp_path / "b")]) != 0
+    assert "--teacher applies to --method distill" in capsys.readouterr().err
+    assert main([*common, "--method", "byol", "--local-crops", "4", "--out", str(tmp_path / "c")]) != 0
+    assert "--local-crops applies to --method dino" in capsys.readouterr().err
+    bare = tmp_path / "bare.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(1)}, str(bare))
+    assert main([*common, "--method", "distill", "--teacher", str(bare), "--out", str(tmp_path / "d")]) != 0
+    assert "does not say its architecture" in capsys.readouterr().err
+
+
+# --- the recipe ---------------------------------------------------------------------------------------
+
+
+def recipe(config: PretrainConfig, images: int, side: int) -> dict:
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", num_classes=0)
+    stats = DataStats(images, 3, images // 3, images // 3, side, side, 0.0)
+    _, choices = resolve_recipe(config, stats, model=model, device=torch.device("cpu"))
+    return {c.name: c.value for c in choices} | {"why": {c.name: c.reason for c in choices}}
+
+
+def test_recipe_fits_the_teacher_momentum_to_the_runs_steps():
+    # 720 images, batch 32: 23 steps x 20 epochs = 460; the teacher averages over 5% of them.
+    got = recipe(PretrainConfig(data="x", method="dino", epochs=20), 720, 64)
+    assert got["batch_size"] == 32
+    steps = 20 * math.ceil(720 / 32)
+    assert got["teacher_momentum"] == pytest.approx(1 - 1 / (RULES["teacher_horizon"] * steps), abs=1e-4)
+    assert f"{steps} steps" in got["why"]["teacher_momentum"]
+    long = recipe(PretrainConfig(data="x", method="byol", epochs=300, batch_size=1024), 1_281_167, 400)
+    assert "teacher_momentum" not in long  # ImageNet's length: the paper's 0.996 stands
+    assert "teacher_momentum" not in recipe(PretrainConfig(data="x", method="simclr", epochs=20), 720, 64)  # no teacher
+    assert "teacher_momentum" not in recipe(PretrainConfig(data="x", method="dino", epochs=20, teacher_momentum=0.99), 720, 64)
+
+
+def test_recipe_crops_small_images_less_and_sizes_dinos_prototypes():
+    small = recipe(PretrainConfig(data="x", method="simclr", epochs=20), 720, 28)
+    assert small["scale"] == (round((RULES["pretrain_crop_px"] / 28) ** 2, 2), 1.0)  # 16 px of 28: 33% at least
+    large = recipe(PretrainConfig(data="x", method="simclr", epochs=20), 720, 256)
+    assert large["scale"] == (0.08, 1.0)  # the method's own
+    dino = recipe(PretrainConfig(data="x", method="dino", epochs=20), 720, 256)
+    assert dino["scale"] == (0.4, 1.0) and dino["proj_dim"] == RULES["dino_prototypes"]
+    given = recipe(PretrainConfig(data="x", method="dino", epochs=20, proj_dim=512, data_config={"scale": (0.2, 1.0)}), 720, 28)
+    assert "scale" not in given and "proj_dim" not in given
