@@ -396,3 +396,16 @@ def test_recipe_crops_small_images_less_and_sizes_dinos_prototypes():
     assert dino["scale"] == (0.4, 1.0) and dino["proj_dim"] == RULES["dino_prototypes"]
     given = recipe(PretrainConfig(data="x", method="dino", epochs=20, proj_dim=512, data_config={"scale": (0.2, 1.0)}), 720, 28)
     assert "scale" not in given and "proj_dim" not in given
+
+
+def test_dino_pretrains_a_vit_on_global_and_local_views_of_two_sizes(tiny_shapes, tmp_path):
+    """A ViT built for 160 px takes 64 px global and 32 px local views (its position embedding resampled)."""
+    out = tmp_path / "vit"
+    pretrain(
+        data=str(tiny_shapes), method="dino", out=str(out), console=quiet(),
+        **{**API_COMMON, "model": "test_vit", "epochs": 1, "data_config": {"img_size": 64}}, proj_hidden_dim=32, local_crops=2,
+    )  # fmt: skip
+    assert math.isfinite(read_metrics(out)[0]["loss"])
+    weights = safetensors.torch.load_file(str(out / "backbone.safetensors"))
+    backbone = timm.create_model("test_vit", num_classes=0)
+    assert backbone.pos_embed.shape == weights["pos_embed"].shape  # the native grid is kept

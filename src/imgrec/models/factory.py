@@ -73,6 +73,10 @@ def create_model(
             hint = f" Close matches: {', '.join(close)}." if close else " `imgrec models PATTERN` lists them."
             raise ValueError(f"unknown model {name!r}.{hint}")
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        if getattr(model, "dynamic_img_size", None) is False and "dynamic_img_size" not in kwargs:
+            # A ViT built for one input size: built again to take any size (its position embedding
+            # resampled to the input's grid), as the recipe's sizes and DINO's local views need.
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, dynamic_img_size=True, **kwargs)
     if pretrained is not None:
         load_pretrained(model, (pretrained if isinstance(pretrained, Weights) else locate_weights(pretrained)).path)
     return model
