@@ -99,3 +99,22 @@ def hub(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    """A resnet18 'training run' folder (random weights, a card with its own mean and std): a teacher."""
+    import timm
+    import torch
+
+    from imgrec.card import ModelCard
+    from imgrec.config import DataConfig
+    from imgrec.models.directory import save_model_dir
+
+    torch.manual_seed(7)
+    model = timm.create_model("resnet18", num_classes=3)
+    card = ModelCard("resnet18", DataConfig(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), classes=["a", "b", "c"])
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    out.mkdir()
+    save_model_dir(out, {k: v.contiguous() for k, v in model.state_dict().items()}, card)
+    return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -17,18 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from hubcache import TAG, hub_file, made_weights, safetensors_bytes
-from imgrec.card import ModelCard
 from imgrec.cli import main
 from imgrec.config import DataConfig, PretrainConfig
 from imgrec.data.stats import DataStats
 from imgrec.data.views import MultiViewTransform, ViewSpec, view_size
 from imgrec.engine.checkpoint import load_checkpoint
 from imgrec.engine.tasks import METHODS, method_class
-from imgrec.engine.tasks import pretrain as pretrain_module
 from imgrec.engine.tasks.dino import DINO, DINOHead, dino_loss, teacher_temperature
 from imgrec.engine.tasks.distill import Distill, Renormalize, distill_loss
 from imgrec.engine.tasks.pretrain import pretrain
-from imgrec.models.directory import save_model_dir
 from imgrec.recipe import RULES, resolve_recipe
 from runs import quiet, read_metrics
 
@@ -41,18 +37,6 @@ API_COMMON = {
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory) -> Path:
-    """A resnet18 'training run' folder (random weights, a card with its own mean and std): a teacher."""
-    torch.manual_seed(7)
-    model = timm.create_model("resnet18", num_classes=3)
-    card = ModelCard("resnet18", DataConfig(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), classes=["a", "b", "c"])
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    out.mkdir()
-    save_model_dir(out, {k: v.contiguous() for k, v in model.state_dict().items()}, card)
-    return out
 
 
 # --- DINO's loss, by hand -------------------------------------------------------------------------
@@ -257,43 +241,6 @@ def test_cli_dino_pretrains_a_loadable_backbone(tiny_shapes, tmp_path):
     weights = safetensors.torch.load_file(str(out / "backbone.safetensors"))
     backbone = timm.create_model("resnet10t", num_classes=0)
     backbone.load_state_dict(weights)
-
-
-@pytest.mark.parametrize("method", ["dino", "distill"])
-def test_resume_after_a_crash_is_bitwise_exact(tiny_shapes, teacher_run, tmp_path, monkeypatch, method):
-    extra = {"teacher": str(teacher_run)} if method == "distill" else {"proj_hidden_dim": 32, "proj_dim": 64, "local_crops": 2}
-    straight = pretrain(data=str(tiny_shapes), method=method, out=str(tmp_path / "x"), console=quiet(), **API_COMMON, **extra)
-    original = pretrain_module.PretrainTask.save
-    calls = []
-
-    def crash_on_second(self, row):
-        calls.append(row["epoch"])
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash after epoch 2 was logged")
-        return original(self, row)
-
-    crashed = tmp_path / "y"
-    with monkeypatch.context() as patch:
-        patch.setattr(pretrain_module.PretrainTask, "save", crash_on_second)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            pretrain(data=str(tiny_shapes), method=method, out=str(crashed), console=quiet(), **API_COMMON, **extra)
-    assert load_checkpoint(crashed / "last.pt")["epoch"] == 1
-    assert main(["pretrain", "--resume", str(crashed)]) == 0
-    timing = {"seconds", "images_per_s"}
-    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(straight)] == [
-        {k: v for k, v in r.items() if k not in timing} for r in read_metrics(crashed)
-    ]
-    a = safetensors.torch.load_file(str(straight / "backbone.safetensors"))
-    b = safetensors.torch.load_file(str(crashed / "backbone.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state_x, state_y = load_checkpoint(straight / "last.pt"), load_checkpoint(crashed / "last.pt")
-    assert state_x["model"].keys() == state_y["model"].keys()
-    for key in state_x["model"]:  # DINO's teacher, centre and progress; distillation's projection
-        assert torch.equal(state_x["model"][key], state_y["model"][key]), key
-    if method == "distill":
-        assert not any(k.startswith("teacher.") for k in state_x["model"])
-        card = json.loads((straight / "backbone.json").read_text())
-        assert card["teacher"]["architecture"] == "resnet18" and len(card["teacher"]["sha256"]) == 64
 
 
 def test_distill_from_a_named_teacher_in_the_hub_cache(tiny_shapes, hub, tmp_path):

@@ -476,9 +476,14 @@ def test_pretrain_on_a_root_with_train_but_no_val(synth, tmp_path):
     assert all("knn_top1" not in row and math.isfinite(row["loss"]) for row in rows)
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, method):
-    straight = pretrain(data=str(synth), method=method, out=str(tmp_path / "x"), console=quiet(), **API_COMMON)
+@pytest.mark.parametrize("method", [*METHOD_NAMES, "dino", "distill"])
+def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, method, teacher_run):
+    options = dict(API_COMMON)
+    if method == "dino":
+        options["local_crops"] = 2  # views of 32 px: globals and locals alike
+    if method == "distill":  # no heads of its own to size: a projection to the teacher's width
+        options = {k: v for k, v in options.items() if k not in ("proj_hidden_dim", "proj_dim")} | {"teacher": str(teacher_run)}
+    straight = pretrain(data=str(synth), method=method, out=str(tmp_path / "x"), console=quiet(), **options)
 
     original = pretrain_module.PretrainTask.save
     calls = []
@@ -493,7 +498,7 @@ def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, met
     with monkeypatch.context() as patch:
         patch.setattr(pretrain_module.PretrainTask, "save", crash_on_second)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            pretrain(data=str(synth), method=method, out=str(crashed), console=quiet(), **API_COMMON)
+            pretrain(data=str(synth), method=method, out=str(crashed), console=quiet(), **options)
     assert calls == [1, 2]
     assert load_checkpoint(crashed / "last.pt")["epoch"] == 1
     assert json.loads((crashed / "backbone.json").read_text())["epoch"] == 1
@@ -513,8 +518,11 @@ def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, met
         assert torch.equal(a[key], b[key]), key
     state_x, state_y = load_checkpoint(straight / "last.pt"), load_checkpoint(crashed / "last.pt")
     assert state_y["epoch"] == 2
-    for key in state_x["model"]:  # projector, predictor and BYOL's teacher too
+    assert state_x["model"].keys() == state_y["model"].keys()
+    for key in state_x["model"]:  # projector, predictor, the teachers of BYOL, MoCo v3 and DINO, DINO's centre and progress
         assert torch.equal(state_x["model"][key], state_y["model"][key]), key
+    if method == "distill":  # the frozen teacher is read from its source again, not kept in checkpoints
+        assert not any(k.startswith("teacher.") for k in state_x["model"])
 
 
 def test_pretrain_errors(synth, cli_runs, tmp_path, capsys):
