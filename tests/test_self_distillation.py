@@ -137,6 +137,14 @@ def test_dino_forward_centres_on_the_teachers_global_views_only():
     assert torch.equal(method.center, before)  # evaluation leaves the centre alone
 
 
+def test_dino_centre_ignores_a_non_finite_batch():
+    method = DINO.build(timm.create_model("test_resnet", num_classes=0), proj_hidden_dim=16, proj_dim=4)
+    method.update_center(torch.ones(2, 4))
+    assert torch.allclose(method.center, torch.full((1, 4), 0.1))
+    method.update_center(torch.tensor([[1.0, float("nan"), 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(method.center, torch.full((1, 4), 0.1))  # the trainer skips that step: the centre stays
+
+
 def test_dino_teacher_follows_by_ema_and_progress_sets_the_temperature():
     torch.manual_seed(0)
     method = DINO.build(timm.create_model("resnet10t", num_classes=0), proj_hidden_dim=32, proj_dim=16, teacher_momentum=0.5)

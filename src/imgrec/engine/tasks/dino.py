@@ -166,7 +166,8 @@ class DINO(SSLMethod):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
             dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+        if torch.isfinite(total).all():  # a step the trainer skips as non-finite leaves the centre as it was
+            self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
 
     def after_step(self, progress: float) -> None:
         self.progress.fill_(progress)
