@@ -113,36 +113,49 @@ def test_dino_head_gives_cosines_to_unit_prototypes():
     assert logits.shape == (4, 10) and logits.abs().max() <= 1.0 + 1e-6
 
 
-def test_dino_forward_centres_on_the_teachers_global_views_only():
+@pytest.mark.parametrize("grouped", [True, False])
+def test_dino_forward_gives_the_teacher_the_global_views_only(grouped):
+    """Views of two sizes come as two tensors; views of one size (32 px images: the locals are as
+    large as the globals) as one, view-major: either way the teacher sees the first 2 views."""
     torch.manual_seed(0)
     method = DINO.build(timm.create_model("resnet10t", num_classes=0), proj_hidden_dim=32, proj_dim=16, teacher_momentum=0.9)
     method.train()
     b = 4
     globals_, locals_ = torch.randn(2 * b, 3, 32, 32), torch.randn(3 * b, 3, 32, 32)
     seen = []
-    method.teacher_backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    method.teacher_backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
     with torch.no_grad():
         expected_teacher = method.teacher_head(method.teacher_backbone(globals_))
-        student = torch.cat([method.head(method.backbone(globals_)), method.head(method.backbone(locals_))])
+        # One backbone call per tensor (batch-norm statistics over the views it holds).
+        groups = [globals_, locals_] if grouped else [torch.cat([globals_, locals_])]
+        student = torch.cat([method.head(method.backbone(g)) for g in groups])
     seen.clear()
-    loss = method([globals_, locals_])
-    assert seen == [2 * b]  # the teacher sees the 2 global views, not the locals
+    loss = method(groups if grouped else groups[0], 5)
+    assert len(seen) == 1 and torch.equal(seen[0], globals_)  # the teacher sees the 2 global views, not the locals
     want = dino_loss(student, expected_teacher, torch.zeros(1, 16), method.student_temp, 0.04)
     assert loss.item() == pytest.approx(want.item(), rel=1e-4)
-    # centre = 0.9 * 0 + 0.1 * the batch mean of the teacher's outputs
+    assert torch.equal(method.center, torch.zeros(1, 16))  # the centre moves when the step is taken...
+    method.after_step(0.1)
+    # ...to 0.9 * 0 + 0.1 * the batch mean of the teacher's outputs
     assert torch.allclose(method.center, 0.1 * expected_teacher.mean(dim=0, keepdim=True), atol=1e-6)
     method.eval()
     before = method.center.clone()
-    method([globals_, locals_])
+    method([globals_, locals_], 5)
+    method.after_step(0.2)
     assert torch.equal(method.center, before)  # evaluation leaves the centre alone
+    with pytest.raises(ValueError, match="do not split"):
+        method(torch.cat([globals_, locals_]), 3)
 
 
-def test_dino_centre_ignores_a_non_finite_batch():
+def test_dino_centre_averages_micro_batches_and_ignores_a_non_finite_step():
     method = DINO.build(timm.create_model("test_resnet", num_classes=0), proj_hidden_dim=16, proj_dim=4)
-    method.update_center(torch.ones(2, 4))
-    assert torch.allclose(method.center, torch.full((1, 4), 0.1))
-    method.update_center(torch.tensor([[1.0, float("nan"), 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
-    assert torch.allclose(method.center, torch.full((1, 4), 0.1))  # the trainer skips that step: the centre stays
+    method.pending, method.pending_rows = torch.full((1, 4), 2.0), 2  # two rows of ones (one micro-batch)...
+    method.pending, method.pending_rows = method.pending + torch.full((1, 4), 6.0), 4  # ...and two rows of threes
+    method.update_center()
+    assert torch.allclose(method.center, torch.full((1, 4), 0.2))  # 0.1 x their mean, 2
+    method.pending, method.pending_rows = torch.tensor([[1.0, float("nan"), 0.0, 0.0]]), 1
+    method.update_center()
+    assert torch.allclose(method.center, torch.full((1, 4), 0.2)) and method.pending is None
 
 
 def test_dino_teacher_follows_by_ema_and_progress_sets_the_temperature():
@@ -174,7 +187,8 @@ def test_multi_crop_views_come_as_one_tensor_per_size(tiny_shapes):
     globals_, locals_ = transform(str(image))
     assert globals_.shape == (2, 3, 96, 96) and globals_.dtype == torch.uint8
     assert locals_.shape == (3, 3, 40, 40)  # 96 x 96/224 = 41 -> 40, a multiple of 8
-    assert view_size(ViewSpec(size=96 / 224), 32) == 32  # never below 32 px
+    assert view_size(ViewSpec(size=96 / 224), 32) == 32  # never below 32 px...
+    assert view_size(ViewSpec(size=96 / 224), 24) == 24  # ...nor above the global views
     single = MultiViewTransform(data, list(DINO.view_specs(data, local_crops=0)), "standard")
     assert single(str(image)).shape == (2, 3, 96, 96)
 
@@ -225,6 +239,20 @@ def test_distill_projects_widths_keeps_the_teacher_frozen_and_out_of_checkpoints
     fresh = Distill.build(timm.create_model("test_resnet", num_classes=0), teacher=torch.nn.Sequential(teacher), teacher_dim=512)
     fresh.load_state_dict(state)  # the teacher's weights come from its source, the rest from the checkpoint
     assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+    # The same through a wrapper (DDP's module., torch.compile's _orig_mod.): keys carry a prefix.
+    wrapped = torch.nn.ModuleDict({"module": method}).state_dict()
+    assert wrapped and not any(".teacher." in k for k in wrapped)
+    torch.nn.ModuleDict({"module": fresh}).load_state_dict(wrapped)
+
+
+def test_the_projection_fits_the_pooled_width_of_heads_with_a_hidden_layer():
+    teacher = timm.create_model("mobilenetv3_small_050", num_classes=0).eval()  # num_features 288, pooled output 1024
+    from imgrec.engine.tasks.ssl import pooled_width
+
+    assert pooled_width(teacher) == teacher(torch.randn(1, 3, 32, 32)).shape[1] == 1024
+    method = Distill.build(timm.create_model("resnet10t", num_classes=0), teacher=teacher, teacher_dim=pooled_width(teacher))
+    assert method.projector.weight.shape == (1024, 512)
+    assert method(torch.randn(2, 3, 32, 32)).ndim == 0
 
 
 # --- end to end -------------------------------------------------------------------------------------
@@ -330,16 +358,20 @@ def recipe(config: PretrainConfig, images: int, side: int) -> dict:
 
 
 def test_recipe_fits_the_teacher_momentum_to_the_runs_steps():
-    # 720 images, batch 32: 23 steps x 20 epochs = 460; the teacher averages over 5% of them.
+    # 720 images, batch 32: 22 full batches x 20 epochs = 440 steps; the teacher averages over 5% of them.
     got = recipe(PretrainConfig(data="x", method="dino", epochs=20), 720, 64)
     assert got["batch_size"] == 32
-    steps = 20 * math.ceil(720 / 32)
+    steps = 20 * (720 // 32)
     assert got["teacher_momentum"] == pytest.approx(1 - 1 / (RULES["teacher_horizon"] * steps), abs=1e-4)
     assert f"{steps} steps" in got["why"]["teacher_momentum"]
     long = recipe(PretrainConfig(data="x", method="byol", epochs=300, batch_size=1024), 1_281_167, 400)
     assert "teacher_momentum" not in long  # ImageNet's length: the paper's 0.996 stands
     assert "teacher_momentum" not in recipe(PretrainConfig(data="x", method="simclr", epochs=20), 720, 64)  # no teacher
     assert "teacher_momentum" not in recipe(PretrainConfig(data="x", method="dino", epochs=20, teacher_momentum=0.99), 720, 64)
+    capped = recipe(PretrainConfig(data="x", method="moco", epochs=20, steps_per_epoch=5), 720, 64)
+    assert "100 steps" in capped["why"]["teacher_momentum"] and capped["teacher_momentum"] == pytest.approx(0.8 if RULES["teacher_momentum_min"] < 0.8 else RULES["teacher_momentum_min"])
+    tiny = recipe(PretrainConfig(data="x", method="byol", epochs=2), 40, 64)
+    assert tiny["teacher_momentum"] == RULES["teacher_momentum_min"]  # a handful of steps: never a teacher that copies the student
 
 
 def test_recipe_crops_small_images_less_and_sizes_dinos_prototypes():

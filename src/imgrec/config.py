@@ -215,7 +215,7 @@ class PretrainConfig(LoopConfig):
     opt: str | None = option(None, "default: the method's (LARS) at batches of 1,024 and more, else AdamW", choices=OPTIMIZERS)
     base_lr: float | None = option(None, "learning rate per 256 images (default: the method's with its LARS, SimCLR 0.3, MoCo v3 0.6, BYOL 0.2; else adamw 1e-3, sgd 0.1)")
     weight_decay: float | None = option(None, "never on biases and norms (default: the method's with LARS, 1e-6 or 1.5e-6; else adamw 0.05, sgd 1e-4)")
-    temperature: float | None = option(None, "contrastive softmax temperature (SimCLR 0.1, MoCo v3 1.0)")
+    temperature: float | None = option(None, "contrastive softmax temperature (SimCLR 0.1, MoCo v3 1.0); DINO: the teacher's, fixed (default 0.04 rising to 0.07)")
     proj_hidden_dim: int | None = option(None, "hidden width of the projector/predictor (SimCLR 2048, BYOL 4096)")
     proj_dim: int | None = option(None, "output size of the projector (SimCLR 128, BYOL 256)")
     jitter_strength: float = option(1.0, "scale the method's colour jitter (brightness, contrast, saturation, hue; hue at most 0.5)")

@@ -102,7 +102,8 @@ RULES: dict[str, Any] = {
     "pretrain_lars_batch": 1024,  # self-supervised methods keep their paper's LARS only at global batches this large...
     "pretrain_adamw": {"base_lr": 4e-3, "weight_decay": 1e-4},  # ...and use AdamW below (benchmarks/ssl_transfer.py)
     "pretrain_crop_px": 16,  # a pretraining view crops at least this many pixels of the image's shorter side (smaller crops of small images hold nothing)
-    "teacher_horizon": 0.05,  # a momentum teacher averages over at most this fraction of the run's steps (1 / (1 - momentum))
+    "teacher_horizon": 0.05,  # a momentum teacher averages over at most this fraction of the run's steps (1 / (1 - momentum))...
+    "teacher_momentum_min": 0.9,  # ...but at least over 10 steps (a teacher that copies the student collapses: DINO paper, Table 7)
     "dino_prototypes": 4096,  # DINO's output size below ``large`` images (the paper's 65,536 are for ImageNet)
 }
 
@@ -236,10 +237,13 @@ def pick_pretrain_method_settings(config: PretrainConfig, stats: DataStats, batc
     paper = getattr(method, "teacher_momentum", None)
     if paper is not None and config.teacher_momentum is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        steps = config.epochs * max(1, -(-stats.images // (batch * config.accum_steps * world)))
+        per_epoch = max(1, stats.images // world // batch // config.accum_steps)  # full batches, as the loop counts them
+        if config.steps_per_epoch is not None:
+            per_epoch = min(per_epoch, config.steps_per_epoch)
+        steps = config.epochs * per_epoch
         horizon = RULES["teacher_horizon"] * steps
         if horizon < 1 / (1 - paper):
-            momentum = round(max(0.0, 1 - 1 / max(horizon, 1.0)), 4)
+            momentum = round(max(RULES["teacher_momentum_min"], 1 - 1 / max(horizon, 1.0)), 4)
             why = f"{steps:,} steps: the teacher averages over its last ~{max(horizon, 1):.0f} ({RULES['teacher_horizon']:.0%} of the run); the paper's {paper:g} would average over {1 / (1 - paper):.0f}"
             choices.append(Choice("teacher_momentum", momentum, why))
     if config.method == "dino" and config.proj_dim is None and stats.images < RULES["large"]:

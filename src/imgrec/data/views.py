@@ -62,12 +62,12 @@ def view_augment(spec: ViewSpec, img_size: int) -> v2.Compose:
 
 
 def view_size(spec: ViewSpec, img_size: int) -> int:
-    """A view's side in pixels: ``spec.size`` of ``img_size``, a multiple of 8 and at least 32 when
-    scaled (five stride-2 stages need it; below, bf16 weight gradients of the last stage's 1x1 maps
+    """A view's side in pixels: ``spec.size`` of ``img_size``, a multiple of 8 and at least 32 (at
+    most ``img_size``) when scaled (five stride-2 stages need it; below, bf16 weight gradients of the last stage's 1x1 maps
     came out NaN now and then on the CPU)."""
     if spec.size == 1.0:
         return img_size
-    return max(32, 8 * round(img_size * spec.size / 8))
+    return min(img_size, max(32, 8 * round(img_size * spec.size / 8)))
 
 
 class MultiViewTransform:

@@ -72,14 +72,25 @@ def create_model(
             close = list(dict.fromkeys(timm.list_models(f"*{name.lower()}*") + difflib.get_close_matches(name.lower(), known, n=8, cutoff=0.6)))[:8]
             hint = f" Close matches: {', '.join(close)}." if close else " `imgrec models PATTERN` lists them."
             raise ValueError(f"unknown model {name!r}.{hint}")
+        if "dynamic_img_size" not in kwargs and _fixed_size_vit(name, num_classes, kwargs):
+            # A ViT takes any input size (its position embedding resampled to the input's grid), as
+            # the recipe's sizes and DINO's local views need; built for one size, it would refuse them.
+            kwargs = {**kwargs, "dynamic_img_size": True}
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        if getattr(model, "dynamic_img_size", None) is False and "dynamic_img_size" not in kwargs:
-            # A ViT built for one input size: built again to take any size (its position embedding
-            # resampled to the input's grid), as the recipe's sizes and DINO's local views need.
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, dynamic_img_size=True, **kwargs)
     if pretrained is not None:
         load_pretrained(model, (pretrained if isinstance(pretrained, Weights) else locate_weights(pretrained)).path)
     return model
+
+
+def _fixed_size_vit(name: str, num_classes: int, kwargs: dict[str, Any]) -> bool:
+    """Whether timm's ``name`` is a ViT with an absolute position embedding built for one input size
+    (found on the meta device: nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except Exception:  # an architecture that cannot be built on the meta device: left as it is
+        return False
+    return getattr(probe, "dynamic_img_size", None) is False and isinstance(getattr(probe, "pos_embed", None), torch.nn.Parameter)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

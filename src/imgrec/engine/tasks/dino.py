@@ -133,6 +133,9 @@ class DINO(SSLMethod):
         # Buffers, so that a checkpoint holds them and a resumed run goes on exactly.
         self.register_buffer("center", torch.zeros(1, out))
         self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+        # The teacher outputs of the step under way (summed over its micro-batches), for the centre.
+        self.pending: torch.Tensor | None = None
+        self.pending_rows = 0
 
     @classmethod
     def view_specs(cls, data: DataConfig, local_crops: int | None = None) -> tuple[ViewSpec, ...]:
@@ -144,32 +147,40 @@ class DINO(SSLMethod):
         return cls.views[:2] + (local,) * local_crops
 
     def forward(self, images: torch.Tensor | list[torch.Tensor], num_views: int = 2) -> torch.Tensor:
+        """The loss of ``num_views`` views of B images, view-major, the 2 global ones first: one
+        tensor when all views share a size, else one tensor per size (globals, then locals)."""
         crops = list(images) if isinstance(images, (list, tuple)) else [images]
-        globals_ = crops[0]
-        if globals_.shape[0] % 2:
-            raise ValueError("DINO takes 2 global views per image first")
-        student = torch.cat([self.head(self.backbone(c)) for c in crops])  # one backbone call per crop size
+        rows = sum(c.shape[0] for c in crops)
+        if num_views < 2 or rows % num_views:
+            raise ValueError(f"DINO takes 2 global views and any local ones per image: {rows} views do not split into {num_views} per image")
+        globals_ = crops[0][: 2 * (rows // num_views)]  # the first two views of every image
+        student = torch.cat([self.head(self.backbone(c)) for c in crops])  # one backbone call per view size
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(globals_)).float()
-        progress = float(self.progress)
-        temp = teacher_temperature(progress, self.temp_start, self.temp_end, self.temp_warmup)
+        temp = teacher_temperature(float(self.progress), self.temp_start, self.temp_end, self.temp_warmup)
         loss = dino_loss(student, teacher, self.center, self.student_temp, temp)
-        if self.training:
-            self.update_center(teacher)
+        if self.training:  # the centre moves once the step is taken (``after_step``), by all its images
+            total = teacher.detach().sum(dim=0, keepdim=True)
+            self.pending = total if self.pending is None else self.pending + total
+            self.pending_rows += teacher.shape[0]
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher: torch.Tensor) -> None:
-        """center = m * center + (1 - m) * the mean teacher output over the global batch (all ranks)."""
-        total = teacher.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher.shape[0]), device=teacher.device)
+    def update_center(self) -> None:
+        """center = m * center + (1 - m) * the mean teacher output over the step's global batch
+        (every micro-batch, every rank); a step whose outputs are not finite leaves it as it was."""
+        if self.pending is None:
+            return
+        total, count = self.pending, torch.tensor(float(self.pending_rows), device=self.pending.device)
+        self.pending, self.pending_rows = None, 0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
             dist.all_reduce(count)
-        if torch.isfinite(total).all():  # a step the trainer skips as non-finite leaves the centre as it was
+        if torch.isfinite(total).all():
             self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
 
     def after_step(self, progress: float) -> None:
+        self.update_center()
         self.progress.fill_(progress)
         momentum = cosine_momentum(self.base_momentum, progress)
         ema_update(self.teacher_backbone, self.backbone, momentum)

@@ -18,7 +18,7 @@ from torch import nn
 
 from imgrec.config import DataConfig
 from imgrec.engine.tasks.byol import BYOL_VIEWS, regression_loss
-from imgrec.engine.tasks.ssl import SSLMethod, frozen_copy
+from imgrec.engine.tasks.ssl import SSLMethod, frozen_copy, pooled_width
 
 
 class Renormalize(nn.Module):
@@ -54,29 +54,32 @@ class Distill(SSLMethod):
         self.teacher = frozen_copy(teacher).eval()
         self.teacher_dim = int(teacher_dim)
         self.projector = nn.Linear(self.feature_dim, self.teacher_dim) if self.teacher_dim != self.feature_dim else nn.Identity()
+        # The teacher is read again from its source when a run resumes (the run checks its SHA-256):
+        # state dicts leave its weights out (they may be far larger than the student's), at any
+        # depth of wrapping, and loading puts the live teacher's back.
+        self.register_state_dict_post_hook(_drop_teacher)
+        self.register_load_state_dict_pre_hook(_keep_teacher)
 
     def train(self, mode: bool = True) -> Distill:
         super().train(mode)
         self.teacher.eval()  # the teacher's batch-norm statistics are part of what it knows
         return self
 
-    # The teacher is read again from its source when a run resumes (the run checks its SHA-256):
-    # checkpoints leave its weights out, which may be far larger than the student's.
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        own = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-        return super().load_state_dict({**own, **state}, strict=strict, assign=assign)
-
     def forward(self, images: torch.Tensor, num_views: int = 2) -> torch.Tensor:
         student = self.projector(self.backbone(images)).float()
         with torch.no_grad():
             target = self.teacher(images).float()
         return distill_loss(student, target)
+
+
+def _drop_teacher(module: Distill, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix + "teacher.")]:
+        del state[key]
+
+
+def _keep_teacher(module: Distill, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    for key, value in module.teacher.state_dict().items():
+        state.setdefault(f"{prefix}teacher.{key}", value)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -89,7 +92,10 @@ def load_teacher(spec: str, student_data: DataConfig) -> tuple[nn.Module, int, d
     pooled features; its width; where its weights came from) for a weights name or a run."""
     from imgrec.models.factory import WeightsError, create_model, locate_weights
 
-    weights = locate_weights(spec)
+    try:
+        weights = locate_weights(spec)
+    except WeightsError as exc:
+        raise WeightsError(f"--teacher: {exc}") from None
     if weights.card is None:
         raise WeightsError(
             f"--teacher {spec}: a bare weights file does not say its architecture: pass a run directory "
@@ -102,7 +108,7 @@ def load_teacher(spec: str, student_data: DataConfig) -> tuple[nn.Module, int, d
     )
     teacher = nn.Sequential(Renormalize(student_data, teacher_data), model)
     source = {**weights.source, "architecture": card.architecture}
-    return teacher, int(model.num_features), source
+    return teacher, pooled_width(model), source
 
 
 __all__ = ["Distill", "Renormalize", "distill_loss", "load_teacher"]

@@ -11,6 +11,7 @@ continues exactly where the run stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -122,10 +123,12 @@ class PretrainTask(Task):
             raise ValueError(f"--method {config.method} learns from a teacher: pass --teacher NAME_OR_RUN (a timm tag such as resnet50.a1_in1k, hf-hub:ORG/REPO, or a run directory)")
         if config.teacher and not getattr(method, "needs_teacher", False):
             raise ValueError(f"--teacher applies to --method distill, not {config.method}")
-        if config.local_crops and not method.local_crops:
+        if config.local_crops is not None and not method.local_crops:
             raise ValueError(f"--local-crops applies to --method dino, not {config.method}")
 
     def __init__(self, config: PretrainConfig, run: RunContext):
+        if config.teacher and run.checkpoint is None and Path(config.teacher).exists():  # a resume from elsewhere finds it again
+            config = dataclasses.replace(config, teacher=str(Path(config.teacher).resolve()))
         self.config, self.run = config, run
         self.train_set, self.bank_set, self.query_set, self.classes, self.monitor_note = pretraining_data(config, run.skip_log)
         # Continued pretraining starts from weights (not read again on resume: the checkpoint has them).

@@ -42,7 +42,7 @@ class SSLMethod(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.feature_dim = int(backbone.num_features)
+        self.feature_dim = pooled_width(backbone)
 
     @classmethod
     def build(cls, backbone: nn.Module, **options: object) -> SSLMethod:
@@ -104,6 +104,12 @@ class MomentumTeacherMethod(SSLMethod):
         ema_update(self.teacher_projector, self.projector, momentum)
 
 
+def pooled_width(model: nn.Module) -> int:
+    """The width of a timm model's pooled output without classifier: its head's hidden size where it
+    has one (MobileNetV3, GhostNet: a layer after the pooling), else its feature count."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, layers: int = 2, last_norm: bool = False) -> nn.Sequential:
     """Linear-BN-ReLU blocks then a Linear: the projection and prediction heads of SimCLR and BYOL.
 
@@ -153,4 +159,4 @@ def gather_across_ranks(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(all_gather(tensor)), dist.get_rank()
 
 
-__all__ = ["MomentumTeacherMethod", "SSLMethod", "cosine_momentum", "ema_update", "frozen_copy", "gather_across_ranks", "mlp"]
+__all__ = ["MomentumTeacherMethod", "SSLMethod", "cosine_momentum", "ema_update", "frozen_copy", "gather_across_ranks", "mlp", "pooled_width"]
