@@ -369,7 +369,7 @@ def test_recipe_fits_the_teacher_momentum_to_the_runs_steps():
     assert "teacher_momentum" not in recipe(PretrainConfig(data="x", method="simclr", epochs=20), 720, 64)  # no teacher
     assert "teacher_momentum" not in recipe(PretrainConfig(data="x", method="dino", epochs=20, teacher_momentum=0.99), 720, 64)
     capped = recipe(PretrainConfig(data="x", method="moco", epochs=20, steps_per_epoch=5), 720, 64)
-    assert "100 steps" in capped["why"]["teacher_momentum"] and capped["teacher_momentum"] == pytest.approx(0.8 if RULES["teacher_momentum_min"] < 0.8 else RULES["teacher_momentum_min"])
+    assert "100 steps" in capped["why"]["teacher_momentum"] and capped["teacher_momentum"] == pytest.approx(max(RULES["teacher_momentum_min"], 0.8))
     tiny = recipe(PretrainConfig(data="x", method="byol", epochs=2), 40, 64)
     assert tiny["teacher_momentum"] == RULES["teacher_momentum_min"]  # a handful of steps: never a teacher that copies the student
 
