@@ -104,6 +104,7 @@ RULES: dict[str, Any] = {
     "pretrain_crop_px": 16,  # a pretraining view crops at least this many pixels of the image's shorter side (smaller crops of small images hold nothing)
     "teacher_horizon": 0.05,  # a momentum teacher averages over at most this fraction of the run's steps (1 / (1 - momentum))...
     "teacher_momentum_min": 0.9,  # ...but at least over 10 steps (a teacher that copies the student collapses: DINO paper, Table 7)
+    "same_size_local_crops": 2,  # DINO's local views where they come out as large as the global ones (inputs of at most 32 px)
     "dino_prototypes": 4096,  # DINO's output size below ``large`` images (the paper's 65,536 are for ImageNet)
 }
 
@@ -199,7 +200,7 @@ def resolve_recipe(
     choices += pick_warmup(config, finetune)
     choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining, epochs=config.epochs)
     if pretraining:
-        choices += pick_pretrain_method_settings(config, stats, batch)
+        choices += pick_pretrain_method_settings(config, stats, batch, choices, card)
     choices += pick_flip(stats, config.data_config)
     fields = {c.name: c.value for c in choices if c.name in {f.name for f in dataclasses.fields(config)}}
     data = {c.name: c.value for c in choices if c.name not in fields}
@@ -220,7 +221,7 @@ def pick_pretrain_optimizer(config: PretrainConfig, batch: int) -> list[Choice]:
     return choices
 
 
-def pick_pretrain_method_settings(config: PretrainConfig, stats: DataStats, batch: int) -> list[Choice]:
+def pick_pretrain_method_settings(config: PretrainConfig, stats: DataStats, batch: int, chosen: list[Choice] = (), card: ModelCard | None = None) -> list[Choice]:
     """The views' crop range for the images' size, a momentum teacher's starting rate for the run's
     real number of steps, and DINO's prototypes for the data's size: where the user set none."""
     from imgrec.engine.tasks import method_class
@@ -246,6 +247,15 @@ def pick_pretrain_method_settings(config: PretrainConfig, stats: DataStats, batc
             momentum = round(max(RULES["teacher_momentum_min"], 1 - 1 / max(horizon, 1.0)), 4)
             why = f"{steps:,} steps: the teacher averages over its last ~{max(horizon, 1):.0f} ({RULES['teacher_horizon']:.0%} of the run); the paper's {paper:g} would average over {1 / (1 - paper):.0f}"
             choices.append(Choice("teacher_momentum", momentum, why))
+    if method.local_crops and config.local_crops is None:
+        from imgrec.data.views import view_size
+
+        card_size = card.data_config.img_size if card is not None and "img_size" in card.stated else 0
+        size = int(config.data_config.get("img_size") or next((c.value for c in chosen if c.name == "img_size"), 0) or card_size)
+        local = [spec for spec in method.views if spec.size != 1.0]
+        if size and local and view_size(local[0], size) >= size:
+            n = RULES["same_size_local_crops"]
+            choices.append(Choice("local_crops", n, f"{size} px views: the local ones cannot be smaller (32 px at least) and cost what global ones do: {n}, not {method.local_crops}"))
     if config.method == "dino" and config.proj_dim is None and stats.images < RULES["large"]:
         choices.append(Choice("proj_dim", RULES["dino_prototypes"], f"{stats.images:,} images: {RULES['dino_prototypes']:,} prototypes (the paper's 65,536 are for ImageNet's 1.28 million)"))
     return choices
