@@ -21,7 +21,8 @@ recipe picks batch, optimizer, rate, crops, teacher momentum; ``@SIZE`` fixes th
 every row, the only setting given), at most 20 epochs. Besides random init and the methods it
 measures weights trained on another dataset (``--other ROOT``: a supervised resnet run there),
 as they are, continued with DINO on the target's images (``--pretrained``), and a resnet18
-trained there distilled into the benchmark's model (``--method distill --teacher``). Each start
+trained there distilled into the benchmark's model (``--method distill --teacher``), as is a
+resnet18 pretrained with SimCLR on the target's images (the deployment case). Each start
 gets a linear and a kNN probe and fine-tuning on 10% of the labels with ``imgrec train``'s
 defaults (median of 3 label draws). Pretraining runs once per method (seed 0).
 
@@ -108,6 +109,13 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
         plans = {m: {"method": m} for m in REAL_METHODS}
         plans["dino, continued"] = {"method": "dino", "pretrained": str(weights)}
         plans["distill"] = {"method": "distill", "teacher": str(teacher)}
+        # The deployment case: a larger model pretrained on the same images, distilled into the small one.
+        big = base / "teacher-resnet18-simclr"
+        seconds[f"{name}/teacher resnet18 simclr here"] = run_once(
+            big, epochs, lambda big=big, common=common: pretrain(out=str(big), **{**common, "model": "resnet18"}, method="simclr"), console
+        )
+        starts["teacher resnet18 simclr here"] = str(big)
+        plans["distill from it"] = {"method": "distill", "teacher": str(big)}
         for label, plan in plans.items():
             run = base / ("pretrain-" + label.replace(", ", "-").replace(" ", "-"))
             seconds[f"{name}/{label}"] = run_once(run, epochs, lambda run=run, plan=plan, common=common: pretrain(out=str(run), **common, **plan), console)

@@ -96,7 +96,9 @@ def test_the_weights_card_wins_over_the_data_for_the_image_size(resnet18) -> Non
 
 
 def test_pretraining_small_batches_use_adamw_and_the_data_sized_batch(resnet18) -> None:
-    got = chosen(PretrainConfig(data="x", epochs=40), stats(360, 32), resnet18)
+    from imgrec.engine.tasks import method_class
+
+    got = chosen(PretrainConfig(data="x", epochs=40), stats(360, 32), resnet18, method=method_class("simclr"))
     assert got["batch_size"] == 16 and got["opt"] == "adamw"
     assert got["base_lr"] == RULES["pretrain_adamw"]["base_lr"] and got["weight_decay"] == RULES["pretrain_adamw"]["weight_decay"]
     assert got["warmup_epochs"] == 4.0

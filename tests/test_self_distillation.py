@@ -353,7 +353,7 @@ def recipe(config: PretrainConfig, images: int, side: int) -> dict:
     with torch.device("meta"):
         model = timm.create_model("resnet18", num_classes=0)
     stats = DataStats(images, 3, images // 3, images // 3, side, side, 0.0)
-    _, choices = resolve_recipe(config, stats, model=model, device=torch.device("cpu"))
+    _, choices = resolve_recipe(config, stats, model=model, device=torch.device("cpu"), method=method_class(config.method))
     return {c.name: c.value for c in choices} | {"why": {c.name: c.reason for c in choices}}
 
 

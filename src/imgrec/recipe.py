@@ -24,6 +24,7 @@ import yaml
 from imgrec.card import ModelCard
 from imgrec.config import PREPROCESSING, DataConfig, LoopConfig, PretrainConfig, from_dict
 from imgrec.data.stats import DataStats
+from imgrec.data.views import view_size
 from imgrec.models.hub import preprocessing_of
 
 C = TypeVar("C")
@@ -185,11 +186,13 @@ def pick_warmup(config: LoopConfig, finetune: str | None) -> list[Choice]:
 
 
 def resolve_recipe(
-    config: LoopConfig, stats: DataStats, *, model: torch.nn.Module, device: torch.device, card: ModelCard | None = None, finetune: str | None = None
+    config: LoopConfig, stats: DataStats, *, model: torch.nn.Module, device: torch.device, card: ModelCard | None = None, finetune: str | None = None,
+    method: Any = None,
 ) -> tuple[LoopConfig, list[Choice]]:
     """``config`` with what the user left open (``None``, or absent from ``data_config``) chosen from
     the data's ``stats``, the architecture (``model``), the pretrained weights' ``card``, whether
-    this is fine-tuning, and the device; and the choices, each with its reason."""
+    this is fine-tuning, the device and, for pretraining, the self-supervised ``method`` (its
+    ``SSLMethod`` class: its crops, teacher, views); and the choices, each with its reason."""
     choices: list[Choice] = []
     batch = config.batch_size
     if batch is None:
@@ -199,8 +202,8 @@ def resolve_recipe(
     choices += pick_pretrain_optimizer(config, batch) if pretraining else pick_base_lr(config, stats, batch, finetune)
     choices += pick_warmup(config, finetune)
     choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining, epochs=config.epochs)
-    if pretraining:
-        choices += pick_pretrain_method_settings(config, stats, batch, choices, card)
+    if pretraining and method is not None:
+        choices += pick_pretrain_method_settings(config, method, stats, batch, choices, card)
     choices += pick_flip(stats, config.data_config)
     fields = {c.name: c.value for c in choices if c.name in {f.name for f in dataclasses.fields(config)}}
     data = {c.name: c.value for c in choices if c.name not in fields}
@@ -221,12 +224,11 @@ def pick_pretrain_optimizer(config: PretrainConfig, batch: int) -> list[Choice]:
     return choices
 
 
-def pick_pretrain_method_settings(config: PretrainConfig, stats: DataStats, batch: int, chosen: list[Choice] = (), card: ModelCard | None = None) -> list[Choice]:
+def pick_pretrain_method_settings(
+    config: PretrainConfig, method: Any, stats: DataStats, batch: int, chosen: list[Choice] = (), card: ModelCard | None = None
+) -> list[Choice]:
     """The views' crop range for the images' size, a momentum teacher's starting rate for the run's
-    real number of steps, and DINO's prototypes for the data's size: where the user set none."""
-    from imgrec.engine.tasks import method_class
-
-    method = method_class(config.method)
+    real number of steps, DINO's local views and prototypes for the data: where the user set none."""
     choices = []
     if "scale" not in config.data_config:
         low, why = method.crop_scale[0], f"{config.method}'s views crop {method.crop_scale[0]:.0%}-100% of the image"
@@ -248,8 +250,6 @@ def pick_pretrain_method_settings(config: PretrainConfig, stats: DataStats, batc
             why = f"{steps:,} steps: the teacher averages over its last ~{max(horizon, 1):.0f} ({RULES['teacher_horizon']:.0%} of the run); the paper's {paper:g} would average over {1 / (1 - paper):.0f}"
             choices.append(Choice("teacher_momentum", momentum, why))
     if method.local_crops and config.local_crops is None:
-        from imgrec.data.views import view_size
-
         card_size = card.data_config.img_size if card is not None and "img_size" in card.stated else 0
         size = int(config.data_config.get("img_size") or next((c.value for c in chosen if c.name == "img_size"), 0) or card_size)
         local = [spec for spec in method.views if spec.size != 1.0]

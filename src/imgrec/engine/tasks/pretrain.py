@@ -138,7 +138,7 @@ class PretrainTask(Task):
         backbone = create_model(config.model, num_classes=0, pretrained=weights)
         if run.checkpoint is None:  # a resumed run's config holds every choice already
             stats = dataset_stats(self.train_set, seed=config.seed)
-            self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device, card=card)
+            self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device, card=card, method=method_class(config.method))
             print_recipe(run.console, choices)
             config = self.config
         self.data_config = dc = resolve_data_config(backbone, card=card, **config.data_config)
