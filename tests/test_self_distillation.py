@@ -360,7 +360,8 @@ def recipe(config: PretrainConfig, images: int, side: int) -> dict:
 def test_recipe_fits_the_teacher_momentum_to_the_runs_steps():
     # 720 images, batch 32: 22 full batches x 20 epochs = 440 steps; the teacher averages over 5% of them.
     got = recipe(PretrainConfig(data="x", method="dino", epochs=20), 720, 64)
-    assert got["batch_size"] == 32
+    assert got["batch_size"] == 32 and got["opt"] == "adamw"
+    assert got["base_lr"] == RULES["pretrain_adamw_lr"]["dino"] != RULES["pretrain_adamw"]["base_lr"]  # DINO's own AdamW rate
     steps = 20 * (720 // 32)
     assert got["teacher_momentum"] == pytest.approx(1 - 1 / (RULES["teacher_horizon"] * steps), abs=1e-4)
     assert f"{steps} steps" in got["why"]["teacher_momentum"]
