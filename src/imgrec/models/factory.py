@@ -12,9 +12,11 @@ badly.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +84,19 @@ def create_model(
     return model
 
 
+@functools.cache
+def _module_takes_dynamic_size(module_name: str) -> bool:
+    """Whether a class of timm's model module ``module_name`` takes ``dynamic_img_size`` (ViTs, Swin...)."""
+    module = sys.modules[module_name]
+    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, torch.nn.Module)]
+    return any("dynamic_img_size" in inspect.signature(c.__init__).parameters for c in classes)
+
+
 def _fixed_size_vit(name: str, num_classes: int, kwargs: dict[str, Any]) -> bool:
     """Whether timm's ``name`` is a ViT with an absolute position embedding built for one input size
-    (found on the meta device: nothing allocated)."""
+    (found on the meta device, nothing allocated, and only for the model modules that know the option)."""
+    if not _module_takes_dynamic_size(timm.models.model_entrypoint(name).__module__):
+        return False
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)

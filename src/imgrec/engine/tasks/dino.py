@@ -26,7 +26,7 @@ from torch import nn
 
 from imgrec.config import DataConfig
 from imgrec.data.views import ViewSpec
-from imgrec.engine.tasks.ssl import SSLMethod, cosine_momentum, ema_update, frozen_copy
+from imgrec.engine.tasks.ssl import MomentumTeacherMethod
 
 JITTER = (0.4, 0.4, 0.2, 0.1)
 LOCAL_SIZE = 96 / 224  # the local views' side, as a fraction of the global one
@@ -89,8 +89,10 @@ def dino_loss(
         return torch.stack(terms).mean()
 
 
-class DINO(SSLMethod):
+class DINO(MomentumTeacherMethod):
     name = "dino"
+    title = "DINO"
+    teacher_of = ("backbone", "head")
     # The paper's ViT recipe (AdamW, 5e-4 per 256, decay 0.04); its ResNet-50 run used LARS at 0.3 with 1e-6.
     optimizer = "lars"
     base_lr = 0.3
@@ -125,9 +127,7 @@ class DINO(SSLMethod):
         super().__init__(backbone)
         out = proj_dim or self.proj_dim
         self.head = DINOHead(self.feature_dim, out, proj_hidden_dim or self.proj_hidden_dim, min(self.bottleneck, out))
-        self.teacher_backbone = frozen_copy(self.backbone)
-        self.teacher_head = frozen_copy(self.head)
-        self.base_momentum = teacher_momentum if teacher_momentum is not None else type(self).teacher_momentum
+        self.init_teacher(teacher_momentum)
         start, end, self.temp_warmup = type(self).teacher_temp
         self.temp_start, self.temp_end = (temperature, temperature) if temperature is not None else (start, end)
         # Buffers, so that a checkpoint holds them and a resumed run goes on exactly.
@@ -182,9 +182,7 @@ class DINO(SSLMethod):
     def after_step(self, progress: float) -> None:
         self.update_center()
         self.progress.fill_(progress)
-        momentum = cosine_momentum(self.base_momentum, progress)
-        ema_update(self.teacher_backbone, self.backbone, momentum)
-        ema_update(self.teacher_head, self.head, momentum)
+        super().after_step(progress)  # the teacher's EMA
 
 
 __all__ = ["DINO", "DINOHead", "dino_loss", "teacher_temperature"]

@@ -11,6 +11,7 @@ by its own mean and std. Views: BYOL's two, the crop range of the run.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -103,9 +104,7 @@ def load_teacher(spec: str, student_data: DataConfig) -> tuple[nn.Module, int, d
         )
     card = weights.card
     model = create_model(card.architecture, num_classes=0, pretrained=weights, model_args=card.model_args or None)
-    teacher_data = DataConfig(
-        **{**student_data.__dict__, **{k: getattr(card.data_config, k) for k in ("mean", "std") if k in card.stated}}
-    )
+    teacher_data = dataclasses.replace(student_data, **{k: getattr(card.data_config, k) for k in ("mean", "std") if k in card.stated})
     teacher = nn.Sequential(Renormalize(student_data, teacher_data), model)
     source = {**weights.source, "architecture": card.architecture}
     return teacher, pooled_width(model), source

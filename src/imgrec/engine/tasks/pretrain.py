@@ -119,9 +119,9 @@ class PretrainTask(Task):
     @classmethod
     def check(cls, config: PretrainConfig) -> None:
         method = method_class(config.method)  # an unknown method is refused before anything is written
-        if getattr(method, "needs_teacher", False) and not config.teacher:
+        if method.needs_teacher and not config.teacher:
             raise ValueError(f"--method {config.method} learns from a teacher: pass --teacher NAME_OR_RUN (a timm tag such as resnet50.a1_in1k, hf-hub:ORG/REPO, or a run directory)")
-        if config.teacher and not getattr(method, "needs_teacher", False):
+        if config.teacher and not method.needs_teacher:
             raise ValueError(f"--teacher applies to --method distill, not {config.method}")
         if config.local_crops is not None and not method.local_crops:
             raise ValueError(f"--local-crops applies to --method dino, not {config.method}")
@@ -136,16 +136,16 @@ class PretrainTask(Task):
         card = weights.card_for(config.model) if weights is not None else None
         self.pretrained_source: dict[str, str] = dict(weights.source) if weights is not None else {}
         backbone = create_model(config.model, num_classes=0, pretrained=weights)
+        self.method_class = cls = method_class(config.method)
         if run.checkpoint is None:  # a resumed run's config holds every choice already
             stats = dataset_stats(self.train_set, seed=config.seed)
-            self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device, card=card, method=method_class(config.method))
+            self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device, card=card, method=cls)
             print_recipe(run.console, choices)
             config = self.config
         self.data_config = dc = resolve_data_config(backbone, card=card, **config.data_config)
-        self.method_class = cls = method_class(config.method)
         options: dict[str, Any] = {}
         self.teacher_source: dict[str, Any] = {}
-        if getattr(cls, "needs_teacher", False):
+        if cls.needs_teacher:
             from imgrec.engine.tasks.distill import load_teacher
 
             teacher, width, self.teacher_source = load_teacher(config.teacher, dc)

@@ -38,6 +38,7 @@ class SSLMethod(nn.Module):
     views: ClassVar[tuple[ViewSpec, ...]]
     crop_scale: ClassVar[tuple[float, float]] = (0.08, 1.0)  # the views' crop area range in the paper
     local_crops: ClassVar[int] = 0  # multi-crop methods: small views besides the global ones
+    needs_teacher: ClassVar[bool] = False  # built with a frozen ``teacher`` and its width (``--teacher``: distillation)
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -73,17 +74,19 @@ class MomentumTeacherMethod(SSLMethod):
     """An online branch (backbone, projector, predictor) that predicts, for each of two views, a
     momentum teacher's projection of the other view; the teacher (backbone + projector) follows
     the online weights by an EMA whose rate rises from ``teacher_momentum`` to 1 along a cosine.
-    BYOL and MoCo v3 differ only in their heads and in ``pair_loss(predictions, targets)``.
+    BYOL and MoCo v3 differ only in their heads and in ``pair_loss(predictions, targets)``; DINO
+    keeps the teacher (of its backbone and head: ``teacher_of``) and has a forward of its own.
 
     Subclasses build ``projector`` and ``predictor``, then call ``init_teacher``.
     """
 
     title: ClassVar[str]  # the method's name in messages
     teacher_momentum: ClassVar[float]
+    teacher_of: ClassVar[tuple[str, ...]] = ("backbone", "projector")  # the online modules the teacher copies, as teacher_<name>
 
     def init_teacher(self, teacher_momentum: float | None) -> None:
-        self.teacher_backbone = frozen_copy(self.backbone)
-        self.teacher_projector = frozen_copy(self.projector)
+        for name in self.teacher_of:
+            setattr(self, f"teacher_{name}", frozen_copy(getattr(self, name)))
         self.base_momentum = teacher_momentum if teacher_momentum is not None else type(self).teacher_momentum
 
     def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -100,8 +103,8 @@ class MomentumTeacherMethod(SSLMethod):
     def after_step(self, progress: float) -> None:
         # A function of the step alone, so a resumed run moves its teacher exactly as before.
         momentum = cosine_momentum(self.base_momentum, progress)
-        ema_update(self.teacher_backbone, self.backbone, momentum)
-        ema_update(self.teacher_projector, self.projector, momentum)
+        for name in self.teacher_of:
+            ema_update(getattr(self, f"teacher_{name}"), getattr(self, name), momentum)
 
 
 def pooled_width(model: nn.Module) -> int:
