@@ -305,3 +305,50 @@ def test_model_name_is_shown_as_text(browser, classifier):
         browser.get(base_url + "/")
         assert browser.title == f"imgrec · {name}"
         assert browser.find_element(By.TAG_NAME, "h1").text == f"imgrec · {name}"
+
+
+BOXES_JS = """
+const box = sel => { const r = document.querySelector(sel).getBoundingClientRect();
+                     return {left: r.left, top: r.top, right: r.right, bottom: r.bottom, width: r.width, height: r.height}; };
+const preview = document.getElementById('preview');
+return {h1: box('h1'), drop: box('#drop'), status: box('#status'), preview: box('#preview'), answer: box('#answer'),
+        loaded: preview.complete && preview.naturalWidth > 0,
+        scrollWidth: document.documentElement.scrollWidth, clientWidth: document.documentElement.clientWidth};
+"""
+
+
+def overlap(a: dict, b: dict) -> float:
+    """The area two boxes share (0 where they only touch)."""
+    return max(0.0, min(a["right"], b["right"]) - max(a["left"], b["left"])) * max(0.0, min(a["bottom"], b["bottom"]) - max(a["top"], b["top"]))
+
+
+@pytest.mark.parametrize("width, height, beside", [(1000, 800, True), (420, 900, False)], ids=["desktop", "phone"])
+def test_layout_keeps_heading_drop_zone_and_result_apart(page, classifier, val_images, tmp_path, width, height, beside):
+    """With a result shown, heading, drop zone, status line, preview and answer each have their own
+    place: no two boxes overlap, nothing runs past the window's width; the answer sits beside the
+    preview on a wide window and under it on a narrow one. The screenshot is kept in tmp_path."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, _ = page
+    size = driver.get_window_size()
+    driver.set_window_size(width, height)
+    try:
+        path = val_images[0]
+        choose_file(driver, path)
+        check_result(driver, classifier, path, path.name)
+        boxes = WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: (b := d.execute_script(BOXES_JS))["loaded"] and b, message="the preview never loaded")
+        shot = tmp_path / f"serve-page-{width}x{height}.png"
+        assert driver.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        driver.set_window_size(size["width"], size["height"])
+    parts = ("h1", "drop", "status", "preview", "answer")
+    for i, a in enumerate(parts):
+        assert boxes[a]["width"] > 0 and boxes[a]["height"] > 0, (a, boxes[a])
+        for b in parts[i + 1 :]:
+            assert overlap(boxes[a], boxes[b]) == 0, f"{a} and {b} overlap at {width}x{height}: {boxes[a]} {boxes[b]} (screenshot {shot})"
+    assert boxes["scrollWidth"] <= boxes["clientWidth"], boxes
+    assert boxes["h1"]["bottom"] <= boxes["drop"]["top"] <= boxes["status"]["top"] <= boxes["preview"]["top"]
+    if beside:
+        assert boxes["answer"]["left"] >= boxes["preview"]["right"] and boxes["answer"]["top"] == pytest.approx(boxes["preview"]["top"], abs=1)
+    else:
+        assert boxes["answer"]["top"] >= boxes["preview"]["bottom"]
