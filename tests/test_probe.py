@@ -34,12 +34,16 @@ SMALL = {"data_config": {"img_size": 32}, "workers": 0, "precision": "fp32"}
 
 
 def train_cli(data: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "train", "--data", str(data), "--model", "resnet10t", "--out", str(out), "--epochs", "1", "--batch-size", "8",
-            "--img-size", "32", "--workers", "0", "--no-tensorboard", *extra,
-        ]
-    )  # fmt: skip
+    """``imgrec train``'s exit status (argparse's own errors, such as a value out of range, included)."""
+    try:
+        return main(
+            [
+                "train", "--data", str(data), "--model", "resnet10t", "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                "--img-size", "32", "--workers", "0", "--no-tensorboard", *extra,
+            ]
+        )  # fmt: skip
+    except SystemExit as exc:
+        return int(exc.code)
 
 
 def backbone_keys_equal(model_file: Path, backbone_file: Path) -> None:
@@ -361,8 +365,9 @@ def test_train_fraction(synth, tmp_path, capsys):
     assert "on 12 images (3 classes)" in capsys.readouterr().out
     assert yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["train_fraction"] == 0.5
     assert train_cli(synth, tmp_path / "zero", "--train-fraction", "0") == 2
-    assert "train_fraction" in capsys.readouterr().err
+    assert "--train-fraction: must be in (0, 1], got 0.0" in capsys.readouterr().err
     assert train_cli(synth, tmp_path / "bad-ld", "--layer-decay", "1.5") == 2
+    assert "--layer-decay: must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 # --- what a run directory carries into fine-tuning; bad files in a probe ---------------------------

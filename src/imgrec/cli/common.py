@@ -18,6 +18,8 @@ from typing import Any
 
 from rich.console import Console
 
+from imgrec.config import out_of_bounds
+
 console = Console(soft_wrap=True)  # long paths stay on one line, greppable
 
 
@@ -40,15 +42,34 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, only: Iterab
             options["type"] = json_object
         elif typing.get_origin(kind) is tuple:
             parts = typing.get_args(kind)
-            options.update(type=parts[0], nargs=len(parts))
+            options.update(type=bounded(parts[0], f.metadata.get("bounds")), nargs=len(parts))
         else:
-            options["type"] = kind
+            options["type"] = bounded(kind, f.metadata.get("bounds"))
         allowed = (choices or {}).get(f.name, f.metadata.get("choices"))
         if allowed:
             options["choices"] = [c for c in allowed if c is not None]
         if "metavar" in f.metadata:
             options["metavar"] = f.metadata["metavar"]
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def bounded(kind: Any, bounds: str | None) -> Any:
+    """An argparse ``type`` that reads ``kind`` (int, float) and refuses a number outside
+    ``bounds`` (``"[1, inf)"``, ``"[0, 65535]"``: ``imgrec.config.out_of_bounds``), so that argparse
+    names the flag: ``argument --port: must be in [0, 65535], got 99999``. ``kind`` itself where
+    there are no bounds or it is not a number type."""
+    if bounds is None or kind not in (int, float):
+        return kind
+
+    def convert(text: str) -> Any:
+        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
+        problem = out_of_bounds(value, bounds)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def json_object(text: str) -> dict[str, Any]:

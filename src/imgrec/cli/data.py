@@ -8,7 +8,7 @@ import time
 
 from rich.table import Table
 
-from imgrec.cli.common import add_config_flags, console, given
+from imgrec.cli.common import add_config_flags, bounded, console, given
 from imgrec.config import DataConfig
 from imgrec.data.synth import SynthSpec
 
@@ -17,13 +17,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("synth", help="write the built-in demo dataset (shapes on cluttered backgrounds)")
     p.add_argument("out", help="output folder; gets train/<class>/ and val/<class>/")
     add_config_flags(p, SynthSpec)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=bounded(int, "[0, inf)"), default=None, help="processes (default: all cores)")
     p.set_defaults(handler=run_synth)
 
     p = commands.add_parser("verify", help="decode every image below a folder and report the bad ones")
     p.add_argument("root")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=bounded(int, "[0, inf)"), default=None, help="processes (default: all cores)")
     add_config_flags(p, DataConfig, only=("max_pixels",))
     p.set_defaults(handler=run_verify)
 
@@ -31,10 +31,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("root", help="a train/val dataset root or an ImageFolder root")
     p.add_argument("--model", default=None, help="take size, crop_pct, interpolation, mean and std from this timm model")
     add_config_flags(p, DataConfig)
-    p.add_argument("--index", type=int, default=0, help="which image to walk through the pipeline")
-    p.add_argument("--samples", type=int, default=16, help="augmented samples in the grid")
+    p.add_argument("--index", type=bounded(int, "[0, inf)"), default=0, help="which image to walk through the pipeline")
+    p.add_argument("--samples", type=bounded(int, "[0, inf)"), default=16, help="augmented samples in the grid")
     p.add_argument("--out", default="inspect.png", help="where to write the grid PNG")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, "[0, 4294967295]"), default=0)
     p.set_defaults(handler=run_inspect)
 
     p = commands.add_parser("prepare", help="turn downloaded datasets into train/ and val/ folders")
@@ -47,11 +47,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("shards", help="write an ImageFolder as WebDataset tar shards (re-encoded JPEGs + class index)")
     p.add_argument("src", help="an ImageFolder, e.g. DATA/train")
     p.add_argument("out", help="output folder for shard-NNNNNN.tar files and the class index")
-    p.add_argument("--max-side", type=int, default=512, help="re-encode images to at most this many pixels on the longer side")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
+    p.add_argument("--max-side", type=bounded(int, "[1, inf)"), default=512, help="re-encode images to at most this many pixels on the longer side")
+    p.add_argument("--quality", type=bounded(int, "[1, 100]"), default=90, help="JPEG quality of the re-encoded images")
     p.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 500MB or 1GB")
     p.add_argument("--classes", help="class index JSON to use (e.g. the train shards' one when writing val)")
-    p.add_argument("--workers", type=int, default=None, help="processes re-encoding images (default: all cores)")
+    p.add_argument("--workers", type=bounded(int, "[0, inf)"), default=None, help="processes re-encoding images (default: all cores)")
     p.set_defaults(handler=run_shards)
 
 
@@ -70,7 +70,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from imgrec.data.verify import verify_folder
 
     options = {"max_pixels": args.max_pixels} if args.max_pixels else {}
-    report = verify_folder(args.root, workers=args.workers, **options)
+    report = verify_folder(args.root, workers=args.workers, console=console, **options)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 1 if report.bad else 0

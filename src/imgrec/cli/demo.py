@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from imgrec.cli.common import console
+from imgrec.cli.common import bounded, console
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("demo", help="synthetic dataset -> train -> evaluate -> predict -> HTML report, in a few minutes on a CPU")
     p.add_argument("--out", default="runs/demo", help="run directory (the dataset is cached in OUT/data)")
-    p.add_argument("--epochs", type=int, default=None, help="override the demo recipe's epochs")
+    p.add_argument("--epochs", type=bounded(int, "[1, inf)"), default=None, help="override the demo recipe's epochs")
     p.set_defaults(handler=run_demo)
 
 

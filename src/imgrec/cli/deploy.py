@@ -9,9 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
-from imgrec.cli.common import add_config_flags, console
+from imgrec.cli.common import add_config_flags, bounded, console
 from imgrec.cli.evaluation import add_inference_flags
 from imgrec.config import ServeConfig
 from imgrec.inference.backends import BACKENDS
@@ -21,7 +22,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="top-k classes of images, folders or globs")
     p.add_argument("run", help="model directory (the --out of imgrec train)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=bounded(int, "[1, inf)"), default=5)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--submission", metavar="CSV", help="also write one row per image, its file (relative to the folder given) and top class: a submission file")
     p.add_argument("--submission-header", default="filename,label", metavar="COLUMNS", help="the submission's header line, e.g. id,label (default filename,label)")
@@ -47,10 +48,10 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="ONNX only: post-training int8 quantisation (onnxruntime), calibrated on --calibration images")
     p.add_argument("--out", help="output file (default: RUN/model.onnx, model.int8.onnx or model.torchscript.pt)")
     p.add_argument("--images", help="folder of images for the parity check and calibration (default: the run's val split)")
-    p.add_argument("--max-images", type=int, default=256, help="images the parity check runs on (default 256)")
-    p.add_argument("--calibration", type=int, default=300, help="--int8: calibration images (default 300)")
-    p.add_argument("--tolerance", type=float, help="largest |logit difference| allowed (default 1e-3; int8: not checked)")
-    p.add_argument("--min-agreement", type=float, help="lowest top-1 agreement in percent (default 100; int8: 97)")
+    p.add_argument("--max-images", type=bounded(int, "[1, inf)"), default=256, help="images the parity check runs on (default 256)")
+    p.add_argument("--calibration", type=bounded(int, "[1, inf)"), default=300, help="--int8: calibration images (default 300)")
+    p.add_argument("--tolerance", type=bounded(float, "[0, inf)"), help="largest |logit difference| allowed (default 1e-3; int8: not checked)")
+    p.add_argument("--min-agreement", type=bounded(float, "[0, 100]"), help="lowest top-1 agreement in percent (default 100; int8: 97)")
     p.add_argument("--json", metavar="FILE", help="also write the check's figures as JSON")
     p.set_defaults(handler=run_export)
 
@@ -59,11 +60,11 @@ def add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("benchmark", help="latency (batch 1) and throughput of each inference backend, with top-1 agreement")
     p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
     p.add_argument("--backends", help=f"comma-separated, from {', '.join(BACKENDS)} (default: every one that runs on the CPU)")
-    p.add_argument("--batch", type=int, default=32, help="batch of the throughput figure (default 32)")
-    p.add_argument("--iterations", type=int, default=50, help="batch-1 calls for the latency percentiles (default 50)")
-    p.add_argument("--seconds", type=float, default=10.0, help="seconds of batches for each throughput figure (default 10)")
+    p.add_argument("--batch", type=bounded(int, "[1, inf)"), default=32, help="batch of the throughput figure (default 32)")
+    p.add_argument("--iterations", type=bounded(int, "[1, inf)"), default=50, help="batch-1 calls for the latency percentiles (default 50)")
+    p.add_argument("--seconds", type=bounded(float, "(0, inf)"), default=10.0, help="seconds of batches for each throughput figure (default 10)")
     p.add_argument("--images", help="folder of images for the agreement check and int8 calibration (default: the run's val split)")
-    p.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: all cores)")
+    p.add_argument("--threads", type=bounded(int, "[1, inf)"), help="torch and onnxruntime threads (default: all cores)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.set_defaults(handler=run_benchmark)
 
@@ -72,11 +73,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("serve", help="serve a model directory over HTTP: Open Inference Protocol v2, POST /predict, a page at /, /metrics")
     p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=bounded(int, "[0, 65535]"), default=8000)
     p.add_argument("--device", default="auto")
     add_backend_flag(p)
     add_config_flags(p, ServeConfig)
-    p.add_argument("--max-body-mb", type=float, default=None, help=f"largest request body in MiB (default {ServeConfig.max_body_bytes >> 20})")
+    p.add_argument("--max-body-mb", type=bounded(float, "(0, inf)"), default=None, help=f"largest request body in MiB (default {ServeConfig.max_body_bytes >> 20})")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(handler=run_serve)
 
@@ -86,7 +87,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
     classifier = load(args.run, device=args.device, precision=args.precision, backend=args.backend)
     print(f"backend: {classifier.backend} ({classifier.backend_reason})", file=sys.stderr)
-    predictions = classifier.predict(args.paths, topk=args.topk, batch_size=args.batch_size)
+    # The bar goes to stderr: stdout carries the table, JSON or CSV, often into a file.
+    predictions = classifier.predict(args.paths, topk=args.topk, batch_size=args.batch_size, console=Console(stderr=True))
     if args.format == "json":
         print(json.dumps([p.to_dict() for p in predictions], indent=2))
     elif args.format == "csv":
@@ -155,7 +157,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     report = export(
         args.run, args.format, out=args.out, int8=args.int8, images=args.images, max_images=args.max_images,
-        calibration_images=args.calibration, tolerance=args.tolerance, min_agreement=args.min_agreement,
+        calibration_images=args.calibration, tolerance=args.tolerance, min_agreement=args.min_agreement, console=console,
     )  # fmt: skip
     kind = f"{report.format}{' int8' if report.int8 else ''}"
     console.print(
@@ -174,7 +176,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip()) if args.backends else None
     results = benchmark(
-        args.run, backends=backends, batch=args.batch, iterations=args.iterations, seconds=args.seconds, images=args.images, threads=args.threads
+        args.run, backends=backends, batch=args.batch, iterations=args.iterations, seconds=args.seconds, images=args.images, threads=args.threads,
+        console=console,
     )
     table = Table(title=f"{args.run}: batch 1 latency, batch {args.batch} throughput")
     for column in ("backend", "p50 ms", "p99 ms", "img/s", "vs eager", "top-1 agreement", "note"):

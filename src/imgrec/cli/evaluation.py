@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from imgrec.cli.common import add_config_flags, console, given
+from imgrec.cli.common import add_config_flags, bounded, console, given
 from imgrec.config import LOADERS, PRECISIONS, PREPROCESSING, DataConfig
 
 
@@ -19,9 +19,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="labels of a flat folder: CSV 'filename,class' or ILSVRC's ground-truth list (1-based ids, sorted files)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--confusion", metavar="PNG", help="confusion matrix image (default RUN/confusion.png)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="unreadable files allowed (left out and listed), default 1%%")
+    p.add_argument("--max-bad-fraction", type=bounded(float, "[0, 1]"), default=0.01, help="unreadable files allowed (left out and listed), default 1%%")
     add_inference_flags(p, batch_size=64)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=bounded(int, "[0, inf)"), default=None)
     p.add_argument("--loader", choices=LOADERS, default="fast", help="eval pipeline: decode-and-crop (fast) or torchvision's (standard)")
     p.set_defaults(handler=run_evaluate)
 
@@ -30,24 +30,24 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset root holding train/ (the probe learns there) and val/ (scored there)")
     p.add_argument("--method", choices=["knn", "linear"], default="knn", help="weighted kNN (default) or a linear softmax classifier")
     p.add_argument("--model", help="architecture of a bare weights file")
-    p.add_argument("--k", type=int, default=20, help="kNN: neighbours")
-    p.add_argument("--temperature", type=float, default=0.07, help="kNN: vote weight exp(cosine / T)")
-    p.add_argument("--epochs", type=int, default=100, help="linear: passes over the cached features")
-    p.add_argument("--lr", type=float, default=1e-3, help="linear: AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="linear: AdamW weight decay")
+    p.add_argument("--k", type=bounded(int, "[1, inf)"), default=20, help="kNN: neighbours")
+    p.add_argument("--temperature", type=bounded(float, "(0, inf)"), default=0.07, help="kNN: vote weight exp(cosine / T)")
+    p.add_argument("--epochs", type=bounded(int, "[1, inf)"), default=100, help="linear: passes over the cached features")
+    p.add_argument("--lr", type=bounded(float, "(0, inf)"), default=1e-3, help="linear: AdamW learning rate")
+    p.add_argument("--weight-decay", type=bounded(float, "[0, inf)"), default=1e-4, help="linear: AdamW weight decay")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the result as JSON (keys top1, top5, ...)")
     p.add_argument("--cache-dir", help="feature cache folder (default $IMGREC_CACHE/features or ~/.cache/imgrec/features)")
     p.add_argument("--no-cache", action="store_true", help="extract features afresh and keep none")
     add_inference_flags(p, batch_size=256)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=bounded(int, "[0, inf)"), default=None)
     p.add_argument("--loader", choices=LOADERS, default="fast")
-    p.add_argument("--seed", type=int, default=0, help="random:ARCH's initialisation and the linear probe's batches")
+    p.add_argument("--seed", type=bounded(int, "[0, 4294967295]"), default=0, help="random:ARCH's initialisation and the linear probe's batches")
     add_config_flags(p, DataConfig, only=(*PREPROCESSING, "max_pixels"))
     p.set_defaults(handler=run_probe)
 
 
 def add_inference_flags(p: argparse.ArgumentParser, *, batch_size: int) -> None:
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--batch-size", type=bounded(int, "[1, inf)"), default=batch_size)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware has it")
 
@@ -59,7 +59,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(
         args.run, args.data, labels=args.labels, batch_size=args.batch_size, workers=args.workers, device=args.device,
         precision=args.precision, json_path=args.json_path, confusion_png=confusion, max_bad_fraction=args.max_bad_fraction,
-        loader=args.loader,
+        loader=args.loader, console=console,
     )  # fmt: skip
     print_metrics(metrics)
     console.print(f"confusion matrix: {confusion}" + (f"; metrics: {args.json_path}" if args.json_path else ""), highlight=False)

@@ -26,6 +26,7 @@ from webdataset import TarWriter
 from imgrec.data.decode import BadImageError, load_rgb
 from imgrec.data.folder import DatasetError, read_class_index, scan_image_folder, write_class_index
 from imgrec.data.shards import SHARD_NAME, SHARD_NAME_RE
+from imgrec.progress import track
 from imgrec.utils import available_cpus, write_json
 
 WRITE_SEED = 0
@@ -135,7 +136,7 @@ def write_shards(
     pool = Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_encode_job, jobs, chunksize=16) if pool else map(_encode_job, jobs)
-        for i, (data, reason) in zip(order, results):  # in input order: deterministic output
+        for i, (data, reason) in zip(order, track(results, f"writing shards of {src}", console=console, total=len(jobs))):  # in input order: deterministic output
             path, label = samples[i]
             if data is None:
                 skipped.append({"path": path, "reason": reason})

@@ -13,8 +13,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+
 from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, decode_file
 from imgrec.data.folder import iter_image_files
+from imgrec.progress import track
 from imgrec.utils import available_cpus
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -83,8 +86,9 @@ class VerifyReport:
         }
 
 
-def verify_folder(root: str | os.PathLike, *, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> VerifyReport:
-    """Decode every image file below ``root`` (any layout) with ``workers`` processes."""
+def verify_folder(root: str | os.PathLike, *, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, console: Console | None = None) -> VerifyReport:
+    """Decode every image file below ``root`` (any layout) with ``workers`` processes; a bar on
+    ``console`` where it is a terminal."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder: pass the dataset root or a class folder to verify")
@@ -93,9 +97,10 @@ def verify_folder(root: str | os.PathLike, *, workers: int | None = None, max_pi
     workers = workers or available_cpus()
     if workers > 1 and len(jobs) > 32:
         with ProcessPoolExecutor(workers) as pool:
-            checks = list(pool.map(check_file, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers)))))
+            checked = pool.map(check_file, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+            checks = list(track(checked, f"verifying {root}", console=console, total=len(jobs)))
     else:
-        checks = [check_file(job) for job in jobs]
+        checks = [check_file(job) for job in track(jobs, f"verifying {root}", console=console)]
     return VerifyReport(root=str(root), files=checks)
 
 

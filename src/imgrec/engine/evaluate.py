@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 from imgrec.data.folder import DEFAULT_MAX_BAD_FRACTION, SkipLog
 from imgrec.data.labels import evaluation_dataset
@@ -26,6 +27,7 @@ from imgrec.data.splits import SPLIT_FILE, recorded_val
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
 from imgrec.models.directory import load_model_dir
+from imgrec.progress import track
 from imgrec.utils import write_json
 
 TOP_K = 5
@@ -159,6 +161,7 @@ def evaluate(
     confusion_png: str | os.PathLike | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     loader: str = "fast",
+    console: Console | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model directory ``run`` on ``data``; returns ``classification_metrics`` plus timing.
 
@@ -169,6 +172,7 @@ def evaluate(
     write it to disk. Unreadable files are left out; more than ``max_bad_fraction`` of them is an error.
     ``loader`` is the eval pipeline: ``fast`` (decode-and-crop) or ``standard`` (torchvision's).
     The model runs in PyTorch, channels_last, at ``precision`` (``auto``: bf16 where the hardware has it).
+    A bar of the batches shows on ``console`` where it is a terminal.
     """
     model, card = load_model_dir(run)
     dev = resolve_device(device)
@@ -183,7 +187,8 @@ def evaluate(
         batches = create_loader(dataset, batch_size=batch_size, train=False, num_workers=workers, skip_none=True, channels_last=True)
         normalize = BatchNormalize.from_config(card.data_config, channels_last=True).to(dev)
         started = time.perf_counter()
-        logits, targets = collect_logits(model, batches, device=dev, normalize=normalize, autocast_dtype=DTYPES[precision])
+        shown = track(batches, f"evaluating {run}", console=console, unit="batches")
+        logits, targets = collect_logits(model, shown, device=dev, normalize=normalize, autocast_dtype=DTYPES[precision])
         seconds = time.perf_counter() - started
         skipped = [{"path": path, "reason": reason} for path, reason in skip_log.entries().items()]
     finally:

@@ -30,6 +30,7 @@ from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.knn import knn_scores, linear_probe
 from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
 from imgrec.models.factory import create_model, locate_weights
+from imgrec.progress import track
 from imgrec.recipe import resolve_data_config
 from imgrec.utils import atomic_write
 
@@ -117,7 +118,8 @@ def extract_features(
     model = backbone.model.to(dev, memory_format=torch.channels_last)
     normalize = BatchNormalize.from_config(config, channels_last=True).to(dev)
     started = time.perf_counter()
-    features, labels = collect_logits(model, data, device=dev, normalize=normalize, autocast_dtype=DTYPES[precision])
+    shown = track(data, f"{split} features", console=console, unit="batches")
+    features, labels = collect_logits(model, shown, device=dev, normalize=normalize, autocast_dtype=DTYPES[precision])
     if console is not None:
         console.print(f"{split}: {len(labels)} images -> {features.shape[1]}-d features in {time.perf_counter() - started:.1f} s", highlight=False)
     if key is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from imgrec.card import ModelCard
 from imgrec.hardware import flush_denormals
@@ -31,6 +32,7 @@ from imgrec.inference.backends import BACKENDS, backend_class, get_backend
 from imgrec.inference.choice import MIN_AGREEMENT, record_benchmark
 from imgrec.inference.export import parity_files, preprocess, top1_agreement, write_sidecar
 from imgrec.models.directory import load_model_dir
+from imgrec.progress import track
 
 
 @dataclass
@@ -101,10 +103,12 @@ def benchmark(
     threads: int | None = None,
     rounds: int = 3,
     record: bool = True,
+    console: Console | None = None,
 ) -> list[BackendResult]:
     """One ``BackendResult`` per backend (default: every one that runs on the CPU), eager fp32 first
     (the others' reference); ``record`` writes them to RUN/benchmark.json, where predict and serve
-    find the fastest backend."""
+    find the fastest backend. Progress (images read, backends prepared, timing rounds) shows on
+    ``console`` where it is a terminal."""
     backends = cpu_backends() if backends is None else tuple(backends)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -114,7 +118,7 @@ def benchmark(
     model, card = load_model_dir(run)
     model = model.float().eval().to(memory_format=torch.contiguous_format)
     flush_denormals(torch.device("cpu"))
-    inputs = preprocess(card, parity_files(Path(run), images, max_images + (calibration_images if "onnx-int8" in backends else 0), seed=0))
+    inputs = preprocess(card, parity_files(Path(run), images, max_images + (calibration_images if "onnx-int8" in backends else 0), seed=0), console=console)
     checked = inputs[:max_images]  # int8 calibrates on other images than those it is judged on, when there are enough
     calibration = inputs[max_images:] if len(inputs) > max_images else inputs[:calibration_images]
     generator = torch.Generator().manual_seed(0)
@@ -123,7 +127,7 @@ def benchmark(
     with torch.inference_mode():
         results, runners, reference = [], {}, None
         written: set[str] = set()
-        for name in ("eager", *[b for b in backends if b != "eager"]):
+        for name in track(("eager", *[b for b in backends if b != "eager"]), "preparing backends", console=console, unit="backends"):
             try:
                 run_fn = benchmark_backend(name, model, one.expand(2, -1, -1, -1).contiguous(), calibration, card, Path(run), written, threads)
                 logits = np.concatenate([run_fn(chunk) for chunk in checked.split(batch)])  # also the warm-up (compile, allocators)
@@ -135,7 +139,7 @@ def benchmark(
             reference = logits if reference is None else reference
             runners[name] = run_fn
             results.append(BackendResult(name, top1_agreement=top1_agreement(logits, reference)))
-        measure(results, runners, one, large, iterations=iterations, seconds=seconds, rounds=rounds)
+        measure(results, runners, one, large, iterations=iterations, seconds=seconds, rounds=rounds, console=console)
     results = [r for r in results if r.backend in backends or r.backend == "eager"]
     if record:
         record_benchmark(run, results, batch)
@@ -144,16 +148,16 @@ def benchmark(
 
 def measure(
     results: list[BackendResult], runners: dict[str, Callable[[torch.Tensor], np.ndarray]], one: torch.Tensor, large: torch.Tensor,
-    *, iterations: int, seconds: float, rounds: int,
+    *, iterations: int, seconds: float, rounds: int, console: Console | None = None,
 ) -> None:  # fmt: skip
     """Fill in each result's latency (batch 1) and throughput (the large batch), timed in interleaved
     rounds whose medians count: a noisy machine slows every backend alike, not the last one measured."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     rates: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run_fn in runners.items():
-            times[name] += latencies(run_fn, one, max(1, iterations // rounds))
-            rates[name].append(throughput(run_fn, large, seconds / rounds))
+    plan = [(name, run_fn) for _ in range(rounds) for name, run_fn in runners.items()]
+    for name, run_fn in track(plan, f"timing {len(runners)} backends in {rounds} rounds", console=console, unit="runs"):
+        times[name] += latencies(run_fn, one, max(1, iterations // rounds))
+        rates[name].append(throughput(run_fn, large, seconds / rounds))
     for result in results:
         if result.backend in runners:
             ordered = sorted(times[result.backend])

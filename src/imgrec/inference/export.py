@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from imgrec.card import ModelCard
 from imgrec.data.decode import BadImageError, load_sample
@@ -36,6 +37,7 @@ from imgrec.inference.backends import get_backend
 from imgrec.inference.backends.base import metadata
 from imgrec.inference.backends.onnx import onnx_session, read_onnx_metadata
 from imgrec.models.directory import load_model_dir
+from imgrec.progress import activity, track
 from imgrec.utils import write_json
 
 FORMATS = ("onnx", "torchscript")
@@ -66,6 +68,7 @@ def export(
     tolerance: float | None = None,
     min_agreement: float | None = None,
     seed: int = 0,
+    console: Console | None = None,
 ) -> ExportReport:
     """Export the model directory ``run``; returns what the parity check measured.
 
@@ -73,7 +76,8 @@ def export(
     split of the data the run trained on). ``tolerance``: the largest |logit difference| allowed
     (default 1e-3 for fp32 exports; int8 is judged by agreement alone). ``min_agreement``: the
     lowest top-1 agreement in percent (default 100 for fp32, 97 for int8). A failed check raises
-    ``ValueError`` naming both figures; the file stays on disk for inspection.
+    ``ValueError`` naming both figures; the file stays on disk for inspection. Reading the
+    images, the int8 calibration and the check show progress on ``console`` where it is a terminal.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -85,14 +89,17 @@ def export(
     suffix = {"onnx": ".int8.onnx" if int8 else ".onnx", "torchscript": ".torchscript.pt"}[format]
     path = Path(out) if out is not None else run / f"model{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs = preprocess(card, parity_files(run, images, max_images + (calibration_images if int8 else 0), seed))
+    inputs = preprocess(card, parity_files(run, images, max_images + (calibration_images if int8 else 0), seed), console=console)
     checked = inputs[:max_images]
     # Calibrate on other images than those checked, when there are enough.
     calibration = inputs[max_images:] if len(inputs) > max_images else inputs[:calibration_images]
-    run_exported = write_export(model, card, format, int8, path, calibration)
+    step = f"exporting and calibrating int8 on {len(calibration)} images" if int8 else f"exporting to {format}"
+    with activity(step, console=console):
+        run_exported = write_export(model, card, format, int8, path, calibration)
     with torch.inference_mode():
-        eager = torch.cat([model(batch) for batch in checked.split(32)]).numpy()
-        got = np.concatenate([run_exported(batch) for batch in checked.split(32)])
+        pairs = [(model(batch), run_exported(batch)) for batch in track(checked.split(32), f"checking {path.name} against the eager model", console=console, unit="batches")]
+        eager = torch.cat([e for e, _ in pairs]).numpy()
+        got = np.concatenate([g for _, g in pairs])
     report = ExportReport(
         path=path, format=format, images=len(checked), int8=int8,
         max_abs_diff=float(np.abs(got - eager).max()), top1_agreement=top1_agreement(got, eager),
@@ -156,12 +163,12 @@ def parity_files(run: Path, images: str | os.PathLike | None, count: int, seed: 
     return files
 
 
-def preprocess(card: ModelCard, files: list[Path]) -> torch.Tensor:
+def preprocess(card: ModelCard, files: list[Path], *, console: Console | None = None) -> torch.Tensor:
     """The normalised float32 inputs [N, 3, H, W] of the readable ``files`` (contiguous NCHW), as
     the card's eval preprocessing makes them; unreadable files are left out."""
     transform = eval_transform(card.data_config)
     tensors = []
-    for path in files:
+    for path in track(files, "reading images", console=console):
         try:
             tensors.append(load_sample(path, transform))
         except (BadImageError, ValueError, TypeError):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageOps
+from rich.console import Console
 
 from imgrec.card import ModelCard
 from imgrec.data.decode import BadImageError, load_sample, to_rgb
@@ -26,6 +27,7 @@ from imgrec.hardware import flush_denormals, resolve_device, resolve_precision
 from imgrec.inference.backends import get_backend
 from imgrec.inference.choice import backend_file, choose_backend, default_backend
 from imgrec.models.directory import load_model_dir
+from imgrec.progress import track
 
 GLOB_CHARS = "*?["
 
@@ -105,15 +107,16 @@ class Classifier:
         """float32 logits on the CPU for a uint8 batch [B, 3, H, W] already at the model's input size."""
         return self.forward(self.normalize(images.to(self.device, non_blocking=True)))
 
-    def predict(self, inputs: Any, topk: int = 5, batch_size: int = 32) -> list[Prediction]:
+    def predict(self, inputs: Any, topk: int = 5, batch_size: int = 32, *, console: Console | None = None) -> list[Prediction]:
         """Top-``topk`` classes and probabilities for each input, in input order.
 
         ``inputs``: one or a list of paths (files, folders, globs), PIL images or uint8 tensors
-        ([3, H, W] or [B, 3, H, W], any size: they get the eval resize and crop).
+        ([3, H, W] or [B, 3, H, W], any size: they get the eval resize and crop). A bar of the
+        batches shows on ``console`` where it is a terminal.
         """
         items = list(expand_inputs(inputs))
         results: list[Prediction] = []
-        for start in range(0, len(items), batch_size):
+        for start in track(range(0, len(items), batch_size), f"predicting {len(items)} images", console=console, unit="batches"):
             chunk = items[start : start + batch_size]
             prepared = [self._prepare(source, item) for source, item in chunk]
             good = [(i, t) for i, t in enumerate(prepared) if isinstance(t, torch.Tensor)]
