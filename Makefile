@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 
-.PHONY: venv test demo bench constraints clean
+.PHONY: venv test demo bench pictures constraints clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,9 @@ bench: demo  # eval_parity.py measures the demo model
 	$(PY) benchmarks/cli_startup.py
 	$(PY) benchmarks/epoch_overheads.py
 	$(PY) benchmarks/time_to_accuracy.py $(if $(TIMM_TRAIN),--timm-train $(TIMM_TRAIN))  # TIMM_TRAIN=path/to/timm/train.py adds timm's column
+
+pictures: demo  # README's picture of the demo's report (headless Chromium)
+	$(PY) docs/report_picture.py --run $(DEMO)
 
 constraints: venv
 	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -e "^imgrec" -e "^ruff=="; } > constraints.new && mv constraints.new constraints.txt
