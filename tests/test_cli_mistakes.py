@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 
 from imgrec.cli import main
 
@@ -22,13 +23,15 @@ MISTAKES = [
     ("serve {run} --port 99999", ["--port", "[0, 65535]", "99999"]),
     ("serve {run} --port -1", ["--port", "[0, 65535]"]),
     ("serve {run} --max-batch 0", ["--max-batch", "at least 1"]),
-    ("serve {run} --max-body-mb 0", ["--max-body-mb", "above 0"]),
+    ("serve {run} --max-body-mb 0", ["--max-body-mb", "at least 0.01"]),
+    ("serve {run} --max-body-mb 1e-9", ["--max-body-mb", "at least 0.01"]),
     ("serve {run} --max-wait-ms -5", ["--max-wait-ms", "at least 0"]),
     ("serve {tmp}/missing", ["missing is not a model directory", "--out folder of `imgrec train`"]),
     ("train --data {data} --epochs 0 --out {tmp}/r", ["--epochs", "at least 1", "got 0"]),
     ("train --data {data} --epochs ten --out {tmp}/r", ["--epochs", "invalid int value: 'ten'"]),
     ("train --data {data} --batch-size 0 --out {tmp}/r", ["--batch-size", "at least 1"]),
-    ("train --data {data} --lr -1 --out {tmp}/r", ["lr must be above 0", "-1"]),
+    ("train --data {data} --lr -1 --out {tmp}/r", ["--lr", "must be above 0", "-1"]),
+    ("train --data {data} --lr 0 --out {tmp}/r", ["--lr", "must be above 0", "got 0"]),
     ("train --data {data} --lr fast --out {tmp}/r", ["lr must be a number or 'auto'", "'fast'"]),
     ("train --data {data} --img-size 0 --out {tmp}/r", ["--img-size", "[1, 8192]"]),
     ("train --data {data} --img-size 100000 --out {tmp}/r", ["--img-size", "[1, 8192]", "100000"]),
@@ -38,12 +41,17 @@ MISTAKES = [
     ("train --data {data} --hflip 3 --out {tmp}/r", ["--hflip", "[0, 1]", "3.0"]),
     ("train --data {data} --scale 0.9 0.1 --out {tmp}/r", ["scale", "MIN must not exceed MAX", "0.9 0.1"]),
     ("train --data {data} --train-fraction 0 --out {tmp}/r", ["--train-fraction", "(0, 1]"]),
-    ("train --data {data} --seed -1 --out {tmp}/r", ["--seed", "[0, 4294967295]"]),
+    ("train --data {data} --seed 1e30 --out {tmp}/r", ["--seed", "invalid int value"]),
+    ("train --data {data} --rotation 400 --out {tmp}/r", ["--rotation", "[0, 360]", "400"]),
+    ("train --data {data} --momentum 1.5 --out {tmp}/r", ["--momentum", "[0, 1]", "1.5"]),
     ("train --data {tmp}/nothere --out {tmp}/r", ["nothere does not exist", "train/<class>"]),
     ("train --data {data} --model nosuchnet --out {tmp}/r", ["unknown model 'nosuchnet'", "imgrec models"]),
     ("train --data {data} --config {tmp}/nofile.yaml --out {tmp}/r", ["--config", "nofile.yaml", "no such file"]),
     ("train --data {data} --config {tmp}/broken.yaml --out {tmp}/r", ["broken.yaml is not valid YAML at line 2, column 3", "expected ',' or ']'"]),
     ("train --data {data} --config {tmp}/unknown.yaml --out {tmp}/r", ["unknown key(s)", "epoch", "epochs"]),
+    ("train --data {data} --config {tmp} --out {tmp}/r", ["--config", "no such file"]),
+    ("train --data {data} --config {tmp}/badscale.yaml --out {tmp}/r", ["hflip must be in [0, 1]", "got 2"]),
+    ("train --data {data} --config {tmp}/wordscale.yaml --out {tmp}/r", ["scale must be a number", "'big'"]),
     ("train --data {data} --pretrained {tmp}/nope.safetensors --out {tmp}/r", ["nope.safetensors does not exist", "imgrec weights list"]),
     ("train --resume {tmp}/nowhere", ["no checkpoint at", "nowhere"]),
     ("pretrain --data {data} --teacher-momentum 2 --out {tmp}/p", ["--teacher-momentum", "[0, 1]"]),
@@ -70,6 +78,8 @@ def places(tiny_shapes, tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("mistakes")
     (tmp / "broken.yaml").write_text("epochs: [10\nlr: 1e-3\n")
     (tmp / "unknown.yaml").write_text("epoch: 10\n")
+    (tmp / "badscale.yaml").write_text("data_config:\n  hflip: '2'\n")  # a string YAML gives: converted, then bounds-checked
+    (tmp / "wordscale.yaml").write_text("data_config:\n  scale: [big, 1.0]\n")
     return {"data": str(tiny_shapes), "tmp": str(tmp), "run": str(tmp / "run")}
 
 
@@ -109,3 +119,33 @@ def test_bounds_of_every_config_field_hold_in_python_too() -> None:
     assert out_of_bounds(0, "[0, 1)") is None and out_of_bounds(1, "[0, 1)") == "must be in [0, 1), got 1"
     assert out_of_bounds(1e-9, "(0, inf)") is None and out_of_bounds(0, "(0, inf)") == "must be above 0, got 0"
     assert out_of_bounds(65535, "[0, 65535]") is None and out_of_bounds(65536, "[0, 65535]") is not None
+
+
+def test_settings_of_earlier_runs_still_load() -> None:
+    """Bounds refuse only what cannot run: a negative seed, EMA decay 0 (off), a full turn of
+    rotation and momentum 0 (plain SGD) were accepted before bounds existed and resume still."""
+    from imgrec.config import DataConfig, TrainConfig
+    from imgrec.engine.optim import create_optimizer
+
+    config = TrainConfig(seed=-7, ema_decay=0.0, momentum=0.0, opt="sgd", data_config={"rotation": 360, "scale": ["0.2", 1]})
+    assert (config.seed, config.ema_decay, config.data_config) == (-7, 0.0, {"rotation": 360, "scale": [0.2, 1.0]})
+    assert DataConfig(**config.data_config).scale == (0.2, 1.0)
+    optimizer = create_optimizer(torch.nn.Linear(2, 2), "sgd", lr=0.1, momentum=0.0)
+    assert optimizer.param_groups[0]["momentum"] == 0.0 and optimizer.param_groups[0]["nesterov"] is False
+
+
+def test_a_config_can_come_through_a_pipe(tiny_shapes, tmp_path) -> None:
+    """``--config /dev/stdin`` or ``<(...)``: a pipe is read like a file, not refused as missing."""
+    import os
+
+    from imgrec.config import TrainConfig
+    from imgrec.recipe import load_config
+
+    read, write = os.pipe()
+    os.write(write, b"epochs: 3\nlr: 1e-3\n")
+    os.close(write)
+    try:
+        config = load_config(TrainConfig, yaml_path=f"/dev/fd/{read}", flags={"data": str(tiny_shapes)})
+    finally:
+        os.close(read)
+    assert (config.epochs, config.lr) == (3, 0.001)

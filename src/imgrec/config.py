@@ -85,12 +85,13 @@ class DataConfig:
     ratio: tuple[float, float] = option((3 / 4, 4 / 3), "RandomResizedCrop aspect range", metavar=("MIN", "MAX"), bounds="(0, inf)")
     hflip: float = option(0.5, "horizontal flip probability", bounds="[0, 1]")
     auto_augment: str | None = option(None, "'trivial' or 'rand-m9-n2' (RandAugment: magnitude, ops)")
-    rotation: float = option(0.0, "max rotation in degrees, uniform in [-rotation, rotation]", bounds="[0, 180]")
+    rotation: float = option(0.0, "max rotation in degrees, uniform in [-rotation, rotation]", bounds="[0, 360]")
     random_erasing: float = option(0.0, "probability, per image on the device after normalisation", bounds="[0, 1]")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest allowed width*height of an image (default 89,478,485)", bounds="[1, inf)")
     max_bad_fraction: float = option(0.01, "unreadable files allowed before the dataset is refused", flag=False, bounds="[0, 1]")
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         check_bounds(self)
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
@@ -141,14 +142,14 @@ class LoopConfig:
     lr: float | str | None = option(None, "learning rate, or 'auto' for a range test before training (default: --base-lr x batch x accum / 256)", bounds="(0, inf)")
     base_lr: float | None = option(None, "learning rate per 256 images (default: from the data and the starting point)", bounds="(0, inf)")
     weight_decay: float | None = option(None, "adamw 0.05, sgd 1e-4; never on biases and norms", bounds="[0, inf)")
-    momentum: float = option(0.9, "SGD and LARS momentum", bounds="[0, 1)")
+    momentum: float = option(0.9, "SGD (Nesterov's; 0 = plain SGD) and LARS momentum", bounds="[0, 1]")
     warmup_epochs: float | None = option(None, "linear warmup before the cosine decay (default: from the run's length)", bounds="[0, inf)")
     min_lr: float = option(0.0, "the cosine schedule's floor", bounds="[0, inf)")
     precision: str = option("auto", "auto: bf16 where the hardware has it", choices=PRECISIONS)
     channels_last: bool | None = option(None, "NHWC memory (default on)")
     compile: bool = option(False, "torch.compile the model")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    seed: int = option(0, "data order, augmentation and initialisation", bounds="[0, 4294967295]")
+    seed: int = option(0, "data order, augmentation and initialisation", bounds="[-9223372036854775808, 9223372036854775807]")
     workers: int | None = option(None, "loader processes (default: all cores)", bounds="[0, inf)")
     loader: str = option("fast", "fast: decode-and-crop JPEGs at the crop's scale; standard: torchvision's PIL path", choices=LOADERS)
     steps_per_epoch: int | None = option(None, "cap optimizer steps per epoch (smoke tests, benchmarks)", bounds="[1, inf)")
@@ -173,7 +174,12 @@ class LoopConfig:
         unknown = sorted(set(self.data_config) - known)
         if unknown:
             raise ValueError(f"unknown data_config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        self.data_config = dict(self.data_config)
+        checked = DataConfig(**self.data_config)  # the given fields' types and bounds, now rather than when the data loads
+        self.data_config = {
+            name: list(checked_value) if isinstance(value, list) else checked_value
+            for name, value in self.data_config.items()
+            for checked_value in [getattr(checked, name)]
+        }
 
 
 @dataclass
@@ -185,7 +191,7 @@ class TrainConfig(LoopConfig):
     mixup: float = option(0.0, "mixup alpha: Beta(alpha, alpha) (0 = off)", bounds="[0, inf)")
     cutmix: float = option(0.0, "cutmix alpha: Beta(alpha, alpha) (0 = off)", bounds="[0, inf)")
     clip_grad: float | None = option(None, "max global gradient norm", bounds="(0, inf)")
-    ema_decay: float | None = option(None, "keep an EMA of the weights with this decay, e.g. 0.9998", bounds="(0, 1)")
+    ema_decay: float | None = option(None, "keep an EMA of the weights with this decay, e.g. 0.9998 (0 = off)", bounds="[0, 1)")
     labels: str | None = option(None, "labels of a flat --data folder of images: a filename,class CSV (any header, e.g. Kaggle's id,label) or a JSON {filename: class}", metavar="FILE")
     balance: str | None = option(
         None, "even out imbalanced classes: sampler (each class drawn equally often) or loss (each class's loss weighted by its rarity)", choices=("sampler", "loss")
@@ -287,17 +293,31 @@ def _check_numbers(config: Any) -> None:
             continue
         if float in kinds and isinstance(value, (int, float)) or int in kinds and isinstance(value, int):
             continue
+        if typing.get_origin(hints[f.name]) is tuple and isinstance(value, (tuple, list)):  # (MIN, MAX), (R, G, B)
+            setattr(config, f.name, tuple(_number(f.name, v, kinds) for v in value))
+            continue
         try:
-            number = float(value)
-            value = int(number) if float not in kinds and number.is_integer() else number
-            if float not in kinds and not isinstance(value, int):
-                raise ValueError
-        except (TypeError, ValueError):
+            value = _number(f.name, value, kinds)
+        except ValueError:
             if str in kinds and isinstance(value, str):
                 continue
-            wanted = "a number" if float in kinds else "a whole number"
-            raise ValueError(f"{f.name} must be {wanted}, got {value!r}") from None
+            raise
         setattr(config, f.name, value)
+
+
+def _number(name: str, value: Any, kinds: tuple[type, ...]) -> int | float:
+    """``value`` as the number a field of types ``kinds`` holds ("1e-3" -> 0.001), else an error naming ``name``."""
+    if isinstance(value, bool):
+        value = str(value)  # neither True nor False is a number here
+    try:
+        number = float(value)
+        result = int(number) if float not in kinds and number.is_integer() else number
+        if float not in kinds and not isinstance(result, int):
+            raise ValueError
+        return result
+    except (TypeError, ValueError, OverflowError):
+        wanted = "a number" if float in kinds else "a whole number"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}") from None
 
 
 T = TypeVar("T")

@@ -8,6 +8,7 @@ The training loop's bar, with its loss and rate fields, is ``imgrec.engine.progr
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -32,7 +33,12 @@ def shows(console: Console | None) -> bool:
 
 def track(items: Iterable[T], description: str, *, console: Console | None, total: int | None = None, unit: str = "images") -> Iterator[T]:
     """``items``, one by one, with a bar of done/total, rate and ETA on ``console`` while they are
-    consumed (``total`` defaults to ``len(items)``). The bar goes away when the loop ends."""
+    consumed (``total`` defaults to ``len(items)``); an item counts as done when the next one is
+    asked for. The bar goes away when the loop ends, or when the generator is closed: hold it in
+    ``contextlib.closing`` where it is kept in a variable and the consumer may raise.
+
+    The bar is redrawn by the loop itself, at most ten times a second, never by a thread of its
+    own: nothing runs beside the work being timed (benchmark)."""
     if not shows(console):
         yield from items
         return
@@ -45,11 +51,16 @@ def track(items: Iterable[T], description: str, *, console: Console | None, tota
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(f"{unit}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, auto_refresh=False) as progress:
         task = progress.add_task(description, total=total)
+        progress.refresh()
+        drawn = time.monotonic()
         for item in items:
             yield item
             progress.advance(task)
+            if time.monotonic() - drawn >= 0.1:
+                progress.refresh()
+                drawn = time.monotonic()
 
 
 @contextlib.contextmanager

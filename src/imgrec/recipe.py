@@ -38,15 +38,15 @@ def load_config(cls: type[C], *, yaml_path: str | os.PathLike | None = None, fla
     """
     values: dict[str, Any] = {}
     if yaml_path:
-        if not os.path.isfile(yaml_path):
-            raise ValueError(f"--config {yaml_path}: no such file; pass a YAML file of {cls.__name__} fields (a run's config.yaml is one)")
-        with open(yaml_path, encoding="utf-8") as f:
-            try:
+        try:  # open() rather than a file test: a pipe (/dev/stdin, <(...)) is a config too
+            with open(yaml_path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:  # one line: where, and what the parser wanted
-                mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                raise ValueError(f"{yaml_path} is not valid YAML{where}: {problem or str(exc).splitlines()[0]}") from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ValueError(f"--config {yaml_path}: no such file; pass a YAML file of {cls.__name__} fields (a run's config.yaml is one)") from None
+        except yaml.YAMLError as exc:  # one line: where, and what the parser wanted
+            mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{yaml_path} is not valid YAML{where}: {problem or str(exc).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{yaml_path} must hold a mapping of {cls.__name__} fields, e.g. 'epochs: 10'")
     values.update({name: value for name, value in (flags or {}).items() if value is not None})

@@ -43,6 +43,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, only: Iterab
         elif typing.get_origin(kind) is tuple:
             parts = typing.get_args(kind)
             options.update(type=bounded(parts[0], f.metadata.get("bounds")), nargs=len(parts))
+        elif kind is str and {int, float} & set(typing.get_args(hints[f.name])):  # a number or a word: --lr 3e-4 or --lr auto
+            number_kind = float if float in typing.get_args(hints[f.name]) else int
+            options["type"] = number_or_word(bounded(number_kind, f.metadata.get("bounds")))
         else:
             options["type"] = bounded(kind, f.metadata.get("bounds"))
         allowed = (choices or {}).get(f.name, f.metadata.get("choices"))
@@ -69,6 +72,22 @@ def bounded(kind: Any, bounds: str | None) -> Any:
         return value
 
     convert.__name__ = kind.__name__
+    return convert
+
+
+def number_or_word(number: Any) -> Any:
+    """An argparse ``type`` for a field that takes a number or a word (``--lr auto``): what reads
+    as a number goes through ``number`` (its bounds checked); a word is passed on to the config,
+    which checks its words."""
+
+    def convert(text: str) -> Any:
+        try:
+            float(text)
+        except ValueError:
+            return text
+        return number(text)
+
+    convert.__name__ = "number"
     return convert
 
 

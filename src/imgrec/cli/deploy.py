@@ -77,7 +77,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     add_backend_flag(p)
     add_config_flags(p, ServeConfig)
-    p.add_argument("--max-body-mb", type=bounded(float, "(0, inf)"), default=None, help=f"largest request body in MiB (default {ServeConfig.max_body_bytes >> 20})")
+    p.add_argument("--max-body-mb", type=bounded(float, "[0.01, inf)"), default=None, help=f"largest request body in MiB (default {ServeConfig.max_body_bytes >> 20})")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(handler=run_serve)
 

@@ -113,7 +113,7 @@ def create_optimizer(
         return LARS(groups, lr=lr, momentum=momentum, trust=lars_trust)
     make = {
         "adamw": lambda **kw: torch.optim.AdamW(groups, lr=lr, **kw),
-        "sgd": lambda **kw: torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **kw),
+        "sgd": lambda **kw: torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, **kw),
     }[opt]
     try:  # one fused kernel for all parameters (CPU and CUDA): fewer passes over memory than foreach
         return make(fused=True)

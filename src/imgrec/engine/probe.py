@@ -9,6 +9,7 @@ trained on the features alone (``imgrec.engine.knn``): seconds, not an epoch of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,8 +119,8 @@ def extract_features(
     model = backbone.model.to(dev, memory_format=torch.channels_last)
     normalize = BatchNormalize.from_config(config, channels_last=True).to(dev)
     started = time.perf_counter()
-    shown = track(data, f"{split} features", console=console, unit="batches")
-    features, labels = collect_logits(model, shown, device=dev, normalize=normalize, autocast_dtype=DTYPES[precision])
+    with contextlib.closing(track(data, f"{split} features", console=console, unit="batches")) as shown:  # the bar goes if a batch fails
+        features, labels = collect_logits(model, shown, device=dev, normalize=normalize, autocast_dtype=DTYPES[precision])
     if console is not None:
         console.print(f"{split}: {len(labels)} images -> {features.shape[1]}-d features in {time.perf_counter() - started:.1f} s", highlight=False)
     if key is not None:
