@@ -19,7 +19,7 @@ TESTS = ROOT / "tests"
 
 # Lowest first. A module may import modules of its own layer and of the layers below it, never above.
 LAYERS = (
-    ("imgrec", "imgrec.utils", "imgrec.config", "imgrec.plots", "imgrec.progress"),  # dataclass configs, small helpers, progress bars
+    ("imgrec", "imgrec.utils", "imgrec.config", "imgrec.plots", "imgrec.progress", "imgrec.calibration"),  # dataclass configs, small helpers, progress bars, calibration arithmetic
     ("imgrec.hardware", "imgrec.distributed", "imgrec.card"),  # device and precision, the process group, the model card
     ("imgrec.data",),  # datasets, labels files, decoding, transforms, loaders, shards
     ("imgrec.models",),  # timm by name, weights files, model directories

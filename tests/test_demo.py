@@ -23,7 +23,12 @@ def test_demo_writes_report_metrics_and_model(tmp_path):
     run = report.parent
     assert report == run / "report.html" and report.stat().st_size > 10_000
     html = report.read_text(encoding="utf-8")
-    assert html.count('class="pred ') == 3 * 2  # two val images of each class, predicted
+    predictions, mistakes = html.split("<h2>The most confident mistakes</h2>")
+    assert predictions.count('class="pred ') == 3 * 2  # two val images of each class, predicted
+    wrong = [line for line in mistakes.splitlines() if 'class="pred wrong"' in line]
+    assert 1 <= len(wrong) <= 8 and len(wrong) == mistakes.count('class="pred ')  # one epoch leaves mistakes; only wrong answers shown
+    assert len(list((run / "explain").glob("*.png"))) == len(wrong)  # each with its heatmap
+    assert "<h2>Calibration</h2>" in predictions and (run / "reliability.png").is_file()
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["n"] == 12 and 0 <= metrics["top1"] <= metrics["top5"] <= 100
     info = json.loads((run / "model.json").read_text())

@@ -150,8 +150,8 @@ def wait_for_error(driver) -> dict:
     return wait_for(driver, lambda s: s["statusClass"] == "error" or s["top1"], "no error shown")
 
 
-def check_result(driver, classifier, path: Path, name: str) -> None:
-    """The top class and the bars on the page are ``classifier.predict(path)``'s, in order."""
+def check_result(driver, classifier, path: Path, name: str) -> str:
+    """The top class and the bars on the page are ``classifier.predict(path)``'s, in order; returns the top class."""
     expected = classifier.predict(path, topk=5)[0]
     assert expected.error is None, expected.error
     state = wait_for_top1(driver)
@@ -168,6 +168,7 @@ def check_result(driver, classifier, path: Path, name: str) -> None:
         assert float(row["pct"][:-1]) == pytest.approx(100 * prob, abs=0.051), (label, row, prob)
         assert row["trackPx"] > 100, row  # laid out, and the bar is drawn at its share of the track
         assert row["fillPx"] / row["trackPx"] == pytest.approx(prob, abs=0.01), (label, row, prob)
+    return expected.label
 
 
 def post_file(base_url: str, name: str, data: bytes) -> httpx.Response:
@@ -352,3 +353,27 @@ def test_layout_keeps_heading_drop_zone_and_result_apart(page, classifier, val_i
         assert boxes["answer"]["left"] >= boxes["preview"]["right"] and boxes["answer"]["top"] == pytest.approx(boxes["preview"]["top"], abs=1)
     else:
         assert boxes["answer"]["top"] >= boxes["preview"]["bottom"]
+
+
+def test_show_where_it_looked_swaps_in_the_heatmap_and_back(page, classifier, val_images):
+    """After an answer, the button fetches /explain and shows the heatmap PNG in the preview's
+    place, naming the class; pressed again, it shows the image sent."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, _ = page
+    path = val_images[1]
+    choose_file(driver, path)
+    top = check_result(driver, classifier, path, path.name)
+    button = driver.find_element(By.ID, "why")
+    assert button.is_displayed() and button.text == "Show where it looked"
+    sent = driver.execute_script("return document.getElementById('preview').src")
+    button.click()
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: "red is where" in d.execute_script(STATE_JS)["status"], message="no heatmap came")
+    state = driver.execute_script(STATE_JS)
+    shown = driver.execute_script("const p = document.getElementById('preview'); return {src: p.src, w: p.naturalWidth, done: p.complete};")
+    assert shown["src"] != sent and shown["src"].startswith("blob:")
+    assert state["status"] == f"{path.name}: red is where the evidence for {top} lies" and state["statusClass"] == ""
+    assert button.text == "Show the image"
+    button.click()
+    assert driver.execute_script("return document.getElementById('preview').src") == sent and button.text == "Show where it looked"

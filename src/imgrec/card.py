@@ -49,6 +49,8 @@ class ModelCard:
     method: str | None = None  # a backbone's self-supervised method
     feature_dim: int | None = None  # a backbone's pooled feature size
     epochs: int | None = None  # a backbone's planned pretraining epochs
+    temperature: float | None = None  # the logits are divided by it before the softmax (imgrec calibrate); None: not calibrated
+    calibration: dict[str, Any] = field(default_factory=dict)  # where the temperature was fitted and what it did: data, images, ece/nll before and after
     format_version: int = CARD_VERSION
     # The preprocessing fields the card states (a card read from a partial file may not state all);
     # fine-tuning takes only these from it, and inference needs all of them.
@@ -70,7 +72,7 @@ class ModelCard:
         payload.update(preprocessing(self.data_config))
         payload.update(self.metrics)
         optional = {"class_names": self.class_names, "weights": self.weights, "pretrained": self.pretrained, "pretrained_source": self.pretrained_source, "teacher": self.teacher, "model_args": self.model_args, "method": self.method,
-                    "feature_dim": self.feature_dim, "epochs": self.epochs}  # fmt: skip
+                    "feature_dim": self.feature_dim, "epochs": self.epochs, "temperature": self.temperature, "calibration": self.calibration}  # fmt: skip
         payload.update({k: v for k, v in optional.items() if v not in (None, {}, [])})
         return payload
 
@@ -86,6 +88,9 @@ class ModelCard:
         known = {name: values[name] for name in fields if name in values}
         data = {name: values[name] for name in PREPROCESSING if name in values}
         metrics = {k: v for k, v in values.items() if k not in fields | set(PREPROCESSING) | set(DERIVED) | {"format_version"}}
+        temperature = known.get("temperature")
+        if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"{source}: temperature must be a number above 0, got {temperature!r}; run `imgrec calibrate` again or delete it")
         try:
             return cls(data_config=DataConfig(**data), metrics=metrics, stated=tuple(data), **known)
         except (TypeError, ValueError) as exc:

@@ -25,6 +25,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # "fast": decode-and-crop (imgrec.data.decode_crop); "standard": decode everything, then PIL transforms.
 LOADERS = ("fast", "standard")
+TTA_MODES = ("flip", "crops", "flip+crops")  # test-time augmentation: imgrec.data.tta
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -191,6 +192,7 @@ class TrainConfig(LoopConfig):
     mixup: float = option(0.0, "mixup alpha: Beta(alpha, alpha) (0 = off)", bounds="[0, inf)")
     cutmix: float = option(0.0, "cutmix alpha: Beta(alpha, alpha) (0 = off)", bounds="[0, inf)")
     clip_grad: float | None = option(None, "max global gradient norm", bounds="(0, inf)")
+    calibrate: bool = option(False, "at the end, fit a temperature on the val split (imgrec calibrate) so that the probabilities match how often the model is right")
     ema_decay: float | None = option(None, "keep an EMA of the weights with this decay, e.g. 0.9998 (0 = off)", bounds="[0, 1)")
     labels: str | None = option(None, "labels of a flat --data folder of images: a filename,class CSV (any header, e.g. Kaggle's id,label) or a JSON {filename: class}", metavar="FILE")
     balance: str | None = option(

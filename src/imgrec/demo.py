@@ -33,7 +33,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "data_config": {"img_size": 64, "crop_pct": 1.0, "scale": (0.8, 1.0), "interpolation": "bilinear"},
 }
 
-RUN_FILES = ("last.pt", "metrics.jsonl", "model.safetensors", "model.json", "config.yaml", "classes.json", "skipped.jsonl", "tensorboard")
+RUN_FILES = ("last.pt", "metrics.jsonl", "model.safetensors", "model.json", "config.yaml", "classes.json", "skipped.jsonl", "tensorboard", "explain", "reliability.png")
 
 
 def demo_dataset(folder: str | os.PathLike, spec: SynthSpec = DEMO_DATA, console: Console | None = None) -> Path:
@@ -72,11 +72,12 @@ def run_demo(
     recipe = {**DEMO_RECIPE, **({"epochs": epochs} if epochs else {})}
     run = train(data=str(data), out=str(out), console=console, **recipe)
 
-    metrics = evaluate(run, data / "val", json_path=run / "eval.json", confusion_png=run / "confusion.png")
+    metrics = evaluate(run, data / "val", json_path=run / "eval.json", confusion_png=run / "confusion.png", reliability_png=run / "reliability.png")
     classifier = load(run)
     samples = demo_samples(data / "val", per_class=2)
     predictions = classifier.predict([path for path, _ in samples], topk=3)
     shown = [{"image": p.source, "true": true, "pred": p.label, "prob": p.prob} for p, (_, true) in zip(predictions, samples)]
+    mistakes = confident_mistakes(classifier, data / "val", run / "explain")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds = time.perf_counter() - started
     summary = {
@@ -86,7 +87,7 @@ def run_demo(
         "device": f"{classifier.device} ({metrics['precision']})",
         "total time": f"{seconds:.0f} s",
     }
-    report = write_report(run / "report.html", title=f"imgrec demo: {recipe['model']} on synthetic shapes", history=history, metrics=metrics, predictions=shown, summary=summary)
+    report = write_report(run / "report.html", title=f"imgrec demo: {recipe['model']} on synthetic shapes", history=history, metrics=metrics, predictions=shown, summary=summary, mistakes=mistakes)
     console.print(
         f"demo done in {seconds:.0f} s: val top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%. Report: {report}",
         style="bold green",
@@ -95,8 +96,20 @@ def run_demo(
     return report
 
 
-def demo_samples(val_dir: Path, per_class: int) -> list[tuple[str, str]]:
-    """The first ``per_class`` images of each class folder, as (path, class name)."""
+def confident_mistakes(classifier: Any, val_dir: Path, out: Path, count: int = 8) -> list[dict[str, Any]]:
+    """The ``count`` wrong answers on ``val_dir`` the classifier was surest of, each with its
+    Grad-CAM heatmap written to ``out`` (the report's "most confident mistakes")."""
+    from imgrec.inference.explain import explain_files
+
+    truth = dict(demo_samples(val_dir, per_class=None))
+    wrong = [p for p in classifier.predict(list(truth)) if p.error is None and p.label != truth[p.source]]
+    wrong = sorted(wrong, key=lambda p: -p.prob)[:count]
+    heatmaps = {row["source"]: row["heatmap"] for row in explain_files(classifier, [p.source for p in wrong], out) if "heatmap" in row}
+    return [{"image": p.source, "heatmap": heatmaps.get(p.source), "true": truth[p.source], "pred": p.label, "prob": p.prob} for p in wrong]
+
+
+def demo_samples(val_dir: Path, per_class: int | None) -> list[tuple[str, str]]:
+    """The first ``per_class`` (None: all) images of each class folder, as (path, class name)."""
     from imgrec.data.folder import find_classes, iter_image_files
 
     return [(str(f), name) for name in find_classes(val_dir) for f in iter_image_files(val_dir / name)[:per_class]]

@@ -84,6 +84,46 @@ def lr_find_figure(lrs: list[float], losses: list[float], suggestion: float) -> 
     return figure
 
 
+def reliability_figure(bins: list[dict], ece: float, temperature: float | None = None) -> Figure:
+    """The reliability diagram: each confidence bin's accuracy as a bar against the diagonal a
+    calibrated model would follow (gaps shaded), and below it how many images fall in each bin.
+
+    ``bins`` are ``imgrec.calibration.reliability_bins``'s rows; ``ece`` (percent) and the
+    ``temperature`` applied, if any, go in the title.
+    """
+    figure = Figure(figsize=(5.5, 6.0), dpi=110)
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = bins[0]["upper"] - bins[0]["lower"]
+    centres = [(row["lower"] + row["upper"]) / 2 for row in bins]
+    filled = [(c, row) for c, row in zip(centres, bins, strict=True) if row["n"]]
+    top.bar([c for c, _ in filled], [row["accuracy"] for _, row in filled], width=width, color="#1f77b4", edgecolor="white", label="accuracy")
+    top.bar(
+        [c for c, _ in filled], [row["confidence"] - row["accuracy"] for _, row in filled], bottom=[row["accuracy"] for _, row in filled],
+        width=width, color="#d62728", alpha=0.3, edgecolor="#d62728", label="gap to confidence",
+    )  # fmt: skip
+    top.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="calibrated")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    scaled = f", temperature {temperature:.3g}" if temperature not in (None, 1.0) else ""
+    top.set_title(f"Reliability: ECE {ece:.2f}%{scaled}")
+    top.legend(loc="upper left")
+    bottom.bar(centres, [row["n"] for row in bins], width=width, color="#7f7f7f", edgecolor="white")
+    bottom.set_xlabel("confidence of the top class")
+    bottom.set_ylabel("images")
+    figure.tight_layout()
+    return figure
+
+
+def write_reliability_png(bins: list[dict], ece: float, path: str | os.PathLike, temperature: float | None = None) -> Path:
+    """Save ``reliability_figure`` as a PNG at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reliability_figure(bins, ece, temperature).savefig(path, format="png")
+    return path
+
+
 def write_confusion_png(confusion: list[list[int]], classes: list[str], path: str | os.PathLike) -> Path:
     """Save the row-normalised confusion matrix as a heat map: each row shows where a true class went.
 
@@ -99,4 +139,4 @@ def write_confusion_png(confusion: list[list[int]], classes: list[str], path: st
     return path
 
 
-__all__ = ["confusion_figure", "lr_find_figure", "short_label", "write_confusion_png"]
+__all__ = ["confusion_figure", "lr_find_figure", "reliability_figure", "short_label", "write_confusion_png", "write_reliability_png"]

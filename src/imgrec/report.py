@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from imgrec.data.decode import BadImageError, load_rgb
-from imgrec.plots import confusion_figure
+from imgrec.plots import confusion_figure, reliability_figure
 from imgrec.utils import atomic_write
 
 THUMBNAIL_PX = 160  # longest side of an embedded prediction thumbnail
@@ -59,6 +59,7 @@ def write_report(
     metrics: dict,
     predictions: list[dict],
     summary: dict[str, str] | None = None,
+    mistakes: list[dict] | None = None,
 ) -> Path:
     """Write the HTML report of one run to ``out`` and return its path.
 
@@ -67,6 +68,8 @@ def write_report(
     (``image``, ``true``, ``pred``, ``prob``). Every prediction given is embedded, so the caller
     chooses how many: a sample, or the most confident mistakes. An image that cannot be read gets
     a placeholder naming the file, because a report should not fail over one moved file.
+    ``mistakes``, where given, are the most confident wrong answers in the same form, each with
+    a ``heatmap`` (the PNG of ``imgrec.inference.explain``, shown in place of the image).
     """
     sections = [
         f"<h1>{_esc(title)}</h1>",
@@ -79,8 +82,11 @@ def write_report(
         _per_class_table(metrics.get("per_class") or []),
         "<h2>Confusion matrix</h2>",
         _confusion_section(metrics.get("confusion") or [], [str(row.get("class", "")) for row in metrics.get("per_class") or []]),
+        *(("<h2>Calibration</h2>", _calibration_section(metrics)) if metrics.get("reliability") else ()),
+        *(("<h2>Groups</h2>", _groups_section(metrics["fairness"])) if metrics.get("fairness") else ()),
         "<h2>Predictions</h2>",
         _predictions_grid(predictions),
+        *(("<h2>The most confident mistakes</h2>", _mistakes_section(mistakes)) if mistakes is not None else ()),
     ]
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -141,6 +147,9 @@ def _headline_table(metrics: dict) -> str:
         _fmt(metrics.get("loss"), ".4f"),
         _fmt(metrics.get("n"), ",.0f"),
     ]
+    if _number(metrics.get("ece")) is not None:
+        header.append("ECE")
+        row.append(_fmt(metrics["ece"], ".2f", " %"))
     if _number(metrics.get("images_per_s")) is not None:
         header.append("images/s")
         row.append(_fmt(metrics["images_per_s"], ",.0f"))
@@ -234,6 +243,38 @@ def _confusion_section(confusion: list[list[int]], class_names: list[str]) -> st
     return f'<div class="confusion">{_img(_png_data_uri(figure, dpi=figure.dpi), "confusion matrix")}</div>'
 
 
+def _groups_section(fairness: dict) -> str:
+    """Each group's figures and the largest gaps between groups (``imgrec evaluate --groups``)."""
+    classes = sorted({name for row in fairness["groups"] for name in row["recall"]})
+    header = ["group", "images", "top-1", "ECE", *(f"recall: {_esc(c)}" for c in classes)]
+    rows = [
+        [_esc(r["group"]), _fmt(r["n"], ",.0f"), _fmt(r["top1"], ".2f", " %"), _fmt(r["ece"], ".2f", " %"), *(_fmt(r["recall"].get(c), ".1f", " %") for c in classes)]
+        for r in fairness["groups"]
+    ]
+    gaps = fairness.get("gaps") or {}
+    notes = []
+    if gaps:
+        notes.append(f"top-1 {gaps['top1']['gap']:.2f} points ({_esc(gaps['top1']['highest'])} over {_esc(gaps['top1']['lowest'])})")
+        notes.append(f"ECE {gaps['ece']['gap']:.2f} points")
+        if gaps.get("recall"):
+            r = gaps["recall"]
+            notes.append(f"recall of {_esc(r['class'])} {r['gap']:.2f} points ({_esc(r['highest'])} over {_esc(r['lowest'])})")
+    note = f'<p class="note">Largest gaps between groups: {", ".join(notes)}.</p>' if notes else ""
+    return note + _table(header, rows, "groups", numeric=range(1, len(header)))
+
+
+def _calibration_section(metrics: dict) -> str:
+    """The reliability diagram, and what the figures say: how far to trust a stated confidence."""
+    temperature = metrics.get("temperature")
+    figure = reliability_figure(metrics["reliability"], metrics["ece"], temperature)
+    scaled = f"with the temperature {temperature:.3g} fitted by <code>imgrec calibrate</code>" if temperature else "as trained (not calibrated: <code>imgrec calibrate RUN --data VAL</code> fits a temperature)"
+    note = (
+        f'<p class="note">Probabilities {scaled}: expected calibration error {metrics["ece"]:.2f}%, NLL {metrics["nll"]:.4f}, '
+        f"Brier score {metrics['brier']:.4f}. Bars below the diagonal: the model is surer than it is right.</p>"
+    )
+    return f'{note}\n<div class="confusion">{_img(_png_data_uri(figure), "reliability diagram")}</div>'
+
+
 # --- predictions --------------------------------------------------------------------------------
 
 
@@ -247,7 +288,7 @@ def _thumbnail_data_uri(path: str | os.PathLike) -> str:
 
 
 def _prediction_cell(item: dict) -> str:
-    path = item.get("image", "")
+    path = item.get("heatmap") or item.get("image", "")
     true, pred = item.get("true"), item.get("pred", "")
     verdict = "unlabelled" if true is None else ("correct" if str(true) == str(pred) else "wrong")
     try:
@@ -260,6 +301,13 @@ def _prediction_cell(item: dict) -> str:
         f"<div><b>{_esc(pred)}</b> {_fmt(item.get('prob'), '.1%')}</div>"
         f"<div>true: {truth}</div></div>"
     )
+
+
+def _mistakes_section(mistakes: list[dict]) -> str:
+    if not mistakes:
+        return '<p class="note">no mistakes on the images shown</p>'
+    note = '<p class="note">The wrong answers the model was surest of, with a Grad-CAM heatmap of the class it chose: where it looked for that class (red: most).</p>'
+    return note + "\n" + _predictions_grid(mistakes)
 
 
 def _predictions_grid(predictions: list[dict]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from imgrec.config import out_of_bounds
+from imgrec.config import TTA_MODES, out_of_bounds
 
 console = Console(soft_wrap=True)  # long paths stay on one line, greppable
 
@@ -73,6 +73,14 @@ def bounded(kind: Any, bounds: str | None) -> Any:
 
     convert.__name__ = kind.__name__
     return convert
+
+
+def add_tta_flag(p: argparse.ArgumentParser) -> None:
+    """``--tta`` of evaluate, predict and serve (``imgrec.data.tta``)."""
+    p.add_argument(
+        "--tta", choices=TTA_MODES, default=None,
+        help="test-time augmentation: average the logits of the image and its mirror (flip, 2x the time), with four corner crops (crops, 5x) or both (flip+crops, 10x); off by default",
+    )  # fmt: skip
 
 
 def number_or_word(number: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from rich.table import Table
 
@@ -24,6 +25,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("root")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--workers", type=bounded(int, "[0, inf)"), default=None, help="processes (default: all cores)")
+    p.add_argument("--duplicates", action="store_true", help="also find exact and near copies (resized, re-encoded) inside a split and across train/val/test: the leakage that inflates val figures")
+    p.add_argument("--dedup-list", metavar="FILE", help="with --duplicates: write the files to keep (relative to ROOT, one a line), each group's copies but one left out, train's copy kept")
     add_config_flags(p, DataConfig, only=("max_pixels",))
     p.set_defaults(handler=run_verify)
 
@@ -69,8 +72,12 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from imgrec.data.verify import verify_folder
 
+    if args.dedup_list and not args.duplicates:
+        raise ValueError("--dedup-list needs --duplicates: the list leaves out the copies that finds")
     options = {"max_pixels": args.max_pixels} if args.max_pixels else {}
-    report = verify_folder(args.root, workers=args.workers, console=console, **options)
+    report = verify_folder(args.root, workers=args.workers, duplicates=args.duplicates, console=console, **options)
+    if args.dedup_list:
+        write_dedup_list(report, args.root, args.dedup_list)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 1 if report.bad else 0
@@ -93,8 +100,33 @@ def run_verify(args: argparse.Namespace) -> int:
         console.print(f"sizes: width {size['width'][0]}-{size['width'][1]} px, height {size['height'][0]}-{size['height'][1]} px")
     for f in report.misnamed:
         console.print(f"note: {f.path} is {f.format} despite its extension (read correctly)", highlight=False)
+    if report.duplicates is not None:
+        print_duplicates(report.duplicates, args.root)
     console.print(f"{len(report.files)} files checked, {len(report.bad)} bad", style="bold red" if report.bad else "bold green")
+    if args.dedup_list:
+        console.print(f"deduplicated file list: {args.dedup_list} ({len(report.good) - len(report.duplicates.redundant())} files)", highlight=False)
     return 1 if report.bad else 0
+
+
+def print_duplicates(found, root: str, shown: int = 20) -> None:
+    """The groups of copies, those across splits (leakage) first, at most ``shown`` of them."""
+    across, within = found.across, found.within
+    style = "bold red" if across else ("yellow" if within else "bold green")
+    console.print(f"duplicates: {len(across)} group(s) across splits (the same image trained on and scored), {len(within)} inside a split", style=style, highlight=False)
+    for group in found.groups[:shown]:
+        kind = "exact" if group.exact else f"near (thumbnails {group.cosine:.3f} alike)"
+        where = "across " + "/".join(sorted(set(group.splits))) if group.across_splits else "in " + group.splits[0]
+        console.print(f"  {kind}, {where}: " + ", ".join(str(Path(f).relative_to(root)) for f in group.files), highlight=False)
+    if len(found.groups) > shown:
+        console.print(f"  ... and {len(found.groups) - shown} more (--json lists them all)", highlight=False)
+
+
+def write_dedup_list(report, root: str, out: str) -> None:
+    """The readable files but the redundant copies, relative to ``root``, one a line."""
+    dropped = set(report.duplicates.redundant())
+    kept = [str(Path(f.path).relative_to(root)) for f in report.good if f.path not in dropped]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:

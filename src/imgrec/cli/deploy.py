@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from imgrec.cli.common import add_config_flags, bounded, console
+from imgrec.cli.common import add_config_flags, add_tta_flag, bounded, console
 from imgrec.cli.evaluation import add_inference_flags
 from imgrec.config import ServeConfig
 from imgrec.inference.backends import BACKENDS
@@ -26,9 +26,36 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--submission", metavar="CSV", help="also write one row per image, its file (relative to the folder given) and top class: a submission file")
     p.add_argument("--submission-header", default="filename,label", metavar="COLUMNS", help="the submission's header line, e.g. id,label (default filename,label)")
+    p.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM heatmap over each image, for its top class, to DIR/<name>.png")
     add_inference_flags(p, batch_size=32)
     add_backend_flag(p)
     p.set_defaults(handler=run_predict)
+
+    p = commands.add_parser("explain", help="Grad-CAM heatmaps: where in each image the evidence for its top class (or --class) lies")
+    p.add_argument("run", help="model directory (the --out of imgrec train)")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="explain this class in every image (default: each image's top class)")
+    p.add_argument("--out", metavar="DIR", help="where the heatmaps go, one <name>.png each (default RUN/explain)")
+    p.add_argument("--batch-size", type=bounded(int, "[1, inf)"), default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(handler=run_explain)
+
+    p = commands.add_parser("index", help="store the features of every image under a folder, for imgrec search and serve --index")
+    p.add_argument("run", help="model directory (the --out of imgrec train)")
+    p.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", metavar="DIR", help="where the index goes (default RUN/index)")
+    p.add_argument("--batch-size", type=bounded(int, "[1, inf)"), default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(handler=run_index)
+
+    p = commands.add_parser("search", help="the indexed images most like each image given (cosine similarity of the model's features)")
+    p.add_argument("run", help="model directory (the --out of imgrec train)")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="query images")
+    p.add_argument("--index", metavar="DIR", help="the index of imgrec index (default RUN/index)")
+    p.add_argument("--k", type=bounded(int, "[1, inf)"), default=10, help="neighbours per image (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(handler=run_search)
     add_export_parser(commands)
     add_benchmark_parser(commands)
     add_serve_parser(commands)
@@ -39,6 +66,7 @@ def add_backend_flag(p: argparse.ArgumentParser) -> None:
         "--backend", choices=["auto", *BACKENDS], default="auto",
         help="what runs the network; auto: the fastest that `imgrec benchmark RUN` recorded with >= 99%% agreement, else PyTorch at --precision",
     )  # fmt: skip
+    add_tta_flag(p)
 
 
 def add_export_parser(commands: argparse._SubParsersAction) -> None:
@@ -79,13 +107,14 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     add_config_flags(p, ServeConfig)
     p.add_argument("--max-body-mb", type=bounded(float, "[0.01, inf)"), default=None, help=f"largest request body in MiB (default {ServeConfig.max_body_bytes >> 20})")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--index", metavar="DIR", help="an index of imgrec index: POST /search answers with the most similar images")
     p.set_defaults(handler=run_serve)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from imgrec.inference.predict import load
 
-    classifier = load(args.run, device=args.device, precision=args.precision, backend=args.backend)
+    classifier = load(args.run, device=args.device, precision=args.precision, backend=args.backend, tta=args.tta)
     print(f"backend: {classifier.backend} ({classifier.backend_reason})", file=sys.stderr)
     # The bar goes to stderr: stdout carries the table, JSON or CSV, often into a file.
     predictions = classifier.predict(args.paths, topk=args.topk, batch_size=args.batch_size, console=Console(stderr=True))
@@ -98,10 +127,65 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.submission:
         write_submission(predictions, args.paths, args.submission, args.submission_header)
         print(f"submission: {args.submission} ({sum(p.error is None for p in predictions)} rows)", file=sys.stderr)
+    if args.explain:
+        from imgrec.inference.explain import explain_files
+
+        explained = explain_files(classifier, [p.source for p in predictions if p.error is None], args.explain, batch_size=args.batch_size)
+        print(f"heatmaps: {args.explain} ({sum('heatmap' in row for row in explained)} images)", file=sys.stderr)
     failed = sum(p.error is not None for p in predictions)
     if failed:
         print(f"{failed} of {len(predictions)} input(s) could not be predicted", file=sys.stderr)
     return 0 if failed < len(predictions) else 1
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from imgrec.inference.search import build_index
+
+    info = build_index(args.run, args.data, args.out, device=args.device, batch_size=args.batch_size, console=Console(stderr=True))
+    for skipped in info["skipped"]:
+        print(f"skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
+    console.print(f"indexed {info['count']} images of {args.data} ({info['dim']}-d features of {info['architecture']}) in {info['index']}", highlight=False)
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from imgrec.inference.search import search
+
+    results = search(args.run, args.paths, index=args.index, k=args.k, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in [] if args.json else results:
+        if "error" in result:
+            print(f"{result['query']}: {result['error']}", file=sys.stderr)
+            continue
+        console.print(f"{result['query']}:", highlight=False)
+        for rank, hit in enumerate(result["neighbours"], start=1):
+            console.print(f"  {rank:>3}  {hit['similarity']:.4f}  {hit['path']}", highlight=False)
+    return 0 if any("error" not in r for r in results) else 1
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from imgrec.inference.explain import explain_files
+    from imgrec.inference.predict import Prediction, expand_inputs, load
+
+    classifier = load(args.run, device=args.device, precision="fp32", backend=None)
+    paths, rows = [], []
+    for source, item in expand_inputs(args.paths):
+        if isinstance(item, Prediction):  # a folder without images, a pattern without matches
+            rows.append({"source": source, "error": item.error})
+        else:
+            paths.append(source)
+    out = args.out or str(Path(args.run) / "explain")
+    rows += explain_files(classifier, paths, out, class_name=args.class_name, batch_size=args.batch_size)
+    for row in rows:
+        if "error" in row:
+            print(f"{row['source']}: {row['error']}", file=sys.stderr)
+        else:
+            console.print(f"{row['source']}: {row['class']} {row['prob']:.1%} -> {row['heatmap']}", highlight=False)
+    explained = sum("heatmap" in row for row in rows)
+    if not explained:
+        print("no image could be explained", file=sys.stderr)
+    return 0 if explained else 1
 
 
 def print_csv(predictions: list) -> None:
@@ -201,7 +285,8 @@ def run_serve(args: argparse.Namespace) -> int:
     values["name"] = args.name or Path(args.run).resolve().name
     if args.max_body_mb is not None:
         values["max_body_bytes"] = int(args.max_body_mb * 2**20)
-    serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend, config=ServeConfig(**values), access_log=args.access_log)
+    serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend, config=ServeConfig(**values), access_log=args.access_log, tta=args.tta,
+          index=args.index)  # fmt: skip
     return 0
 
 

@@ -146,6 +146,36 @@ def _is_header(fields: list[str], image_dir: Path) -> bool:
     return len(fields) == 2 and fields[1].lower() in HEADER_NAMES and not (image_dir / fields[0]).is_file()
 
 
+def read_groups_file(path: str | os.PathLike, folders: list[str | os.PathLike]) -> dict[str, str]:
+    """{resolved image path: group} of a ``filename,group`` CSV (any attribute the user has: site,
+    scanner, age band...), a header line allowed. A filename is absolute or relative to one of
+    ``folders`` (the folder evaluated, the dataset root); one found in none is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--groups {path}: no such file; pass a CSV of filename,group lines")
+    groups: dict[str, str] = {}
+    missing: list[tuple[int, str]] = []
+    for number, row in enumerate(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))), start=1):
+        fields = [field.strip() for field in row]
+        if not any(fields):
+            continue
+        if len(fields) != 2:
+            raise ValueError(f"{path}, line {number}: expected 2 columns filename,group, got {len(fields)}: {','.join(row)!r}")
+        found = next((Path(f) / fields[0] for f in folders if (Path(f) / fields[0]).is_file()), None)
+        if found is None:
+            if not (number == 1 and fields[0].lower() in ("filename", "file", "path", "image", "name", "id")):  # not the header
+                missing.append((number, fields[0]))
+            continue
+        groups[str(found.resolve())] = fields[1]
+    if missing:
+        number, name = missing[0]
+        more = f" ({len(missing) - 1} more are missing too)" if len(missing) > 1 else ""
+        raise ValueError(f"{path}, line {number}: image {name!r} not found in {' or '.join(map(str, folders))}{more}: filenames are relative to the folder evaluated")
+    if not groups:
+        raise ValueError(f"{path} names no image of {' or '.join(map(str, folders))}: it needs filename,group lines")
+    return groups
+
+
 def labels_file_classes(path: str | os.PathLike, image_dir: str | os.PathLike) -> list[str]:
     """The classes a ``filename,class`` CSV (or JSON ``{"filename": "class"}``) names, sorted (as
     numbers where every class is an integer, so that class "10" follows "9")."""
@@ -255,4 +285,4 @@ def evaluation_dataset(
     return LabelledFiles(samples, classes, transform, root=root, **dataset_options)
 
 
-__all__ = ["LabelledFiles", "evaluation_dataset", "labels_file_classes", "read_labels_file"]
+__all__ = ["LabelledFiles", "evaluation_dataset", "labels_file_classes", "read_groups_file", "read_labels_file"]

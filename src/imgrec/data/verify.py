@@ -16,9 +16,10 @@ from pathlib import Path
 from rich.console import Console
 
 from imgrec.data.decode import DEFAULT_MAX_PIXELS, BadImageError, decode_file
+from imgrec.data.duplicates import DuplicateReport, Fingerprint, difference_hash, find_duplicates, split_of, thumbnail
 from imgrec.data.folder import iter_image_files
 from imgrec.progress import track
-from imgrec.utils import available_cpus
+from imgrec.utils import available_cpus, file_sha256
 
 SPLIT_NAMES = ("train", "val", "test")
 # The formats an extension promises; a file whose content differs (a PNG named .JPEG) is noted.
@@ -38,12 +39,14 @@ class FileCheck:
     width: int = 0
     height: int = 0
     mode: str = ""  # colour mode as stored
+    fingerprint: Fingerprint | None = None  # with duplicates=True: what finding copies needs
 
 
 @dataclass
 class VerifyReport:
     root: str
     files: list[FileCheck] = field(default_factory=list)
+    duplicates: DuplicateReport | None = None  # with duplicates=True
 
     @property
     def bad(self) -> list[FileCheck]:
@@ -83,17 +86,21 @@ class VerifyReport:
             "per_class": {g: {"files": n, "bad": b} for g, (n, b) in self.per_group().items()},
             "per_format": self.per_format(),
             "size_range": self.size_range(),
+            **({"duplicates": self.duplicates.to_json()} if self.duplicates is not None else {}),
         }
 
 
-def verify_folder(root: str | os.PathLike, *, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, console: Console | None = None) -> VerifyReport:
+def verify_folder(
+    root: str | os.PathLike, *, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, duplicates: bool = False, console: Console | None = None
+) -> VerifyReport:
     """Decode every image file below ``root`` (any layout) with ``workers`` processes; a bar on
-    ``console`` where it is a terminal."""
+    ``console`` where it is a terminal. ``duplicates`` also finds exact and near copies inside
+    and across the splits (``imgrec.data.duplicates``) from what the same decode gives."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder: pass the dataset root or a class folder to verify")
     paths = iter_image_files(root)
-    jobs = [(str(p), group_of(p.relative_to(root)), max_pixels) for p in paths]
+    jobs = [(str(p), group_of(p.relative_to(root)), max_pixels, split_of(p.relative_to(root)) if duplicates else None) for p in paths]
     workers = workers or available_cpus()
     if workers > 1 and len(jobs) > 32:
         with ProcessPoolExecutor(workers) as pool:
@@ -101,7 +108,10 @@ def verify_folder(root: str | os.PathLike, *, workers: int | None = None, max_pi
             checks = list(track(checked, f"verifying {root}", console=console, total=len(jobs)))
     else:
         checks = [check_file(job) for job in track(jobs, f"verifying {root}", console=console)]
-    return VerifyReport(root=str(root), files=checks)
+    report = VerifyReport(root=str(root), files=checks)
+    if duplicates:
+        report.duplicates = find_duplicates([f.fingerprint for f in checks if f.fingerprint is not None])
+    return report
 
 
 def group_of(relative: Path) -> str:
@@ -112,13 +122,15 @@ def group_of(relative: Path) -> str:
     return parts[0] if len(parts) > 1 else "."
 
 
-def check_file(job: tuple[str, str, int]) -> FileCheck:
-    path, group, max_pixels = job
+def check_file(job: tuple[str, str, int, str | None]) -> FileCheck:
+    """One file decoded; with a split named, its fingerprint for duplicate finding as well."""
+    path, group, max_pixels, split = job
     try:
         image, fmt, mode = decode_file(path, max_pixels)
     except BadImageError as exc:
         return FileCheck(path, group, ok=False, reason=exc.reason)
-    return FileCheck(path, group, ok=True, format=fmt, width=image.width, height=image.height, mode=mode)
+    fingerprint = Fingerprint(path, split, file_sha256(path), difference_hash(image), thumbnail(image)) if split is not None else None
+    return FileCheck(path, group, ok=True, format=fmt, width=image.width, height=image.height, mode=mode, fingerprint=fingerprint)
 
 
 __all__ = ["FileCheck", "VerifyReport", "check_file", "group_of", "verify_folder"]

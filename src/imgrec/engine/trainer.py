@@ -204,6 +204,9 @@ class Trainer:
                 self.finish_checkpoint()  # whatever ends the run, the checkpoint being written is finished
         if self.writer is not None:
             self.writer.close()
+        line = self.task.finish()
+        if line:
+            self.console.print(line, highlight=False)
         if self.state.skipped_files:
             self.console.print(f"{self.state.skipped_files} unreadable file(s) were skipped; see {self.skip_log.path}", style="yellow", highlight=False)
         self.console.print(self.task.end_line(), highlight=False)

@@ -19,10 +19,12 @@ import torch
 from PIL import Image, ImageOps
 from rich.console import Console
 
+from imgrec.calibration import tempered
 from imgrec.card import ModelCard
 from imgrec.data.decode import BadImageError, load_sample, to_rgb
 from imgrec.data.folder import iter_image_files
 from imgrec.data.transforms import BatchNormalize, eval_transform
+from imgrec.data.tta import averaged, check_tta
 from imgrec.hardware import flush_denormals, resolve_device, resolve_precision
 from imgrec.inference.backends import get_backend
 from imgrec.inference.choice import backend_file, choose_backend, default_backend
@@ -72,7 +74,7 @@ class Classifier:
 
     def __init__(
         self, model: torch.nn.Module, card: ModelCard | dict[str, Any], *, device: str = "auto", precision: str = "auto", loader: str = "fast",
-        backend: str | None = None, path: str | os.PathLike | None = None, onnx_path: str | os.PathLike | None = None,
+        backend: str | None = None, path: str | os.PathLike | None = None, onnx_path: str | os.PathLike | None = None, tta: str | None = None,
     ):  # fmt: skip
         card = card if isinstance(card, ModelCard) else ModelCard.from_dict(card)
         card.check_preprocessing()
@@ -93,6 +95,7 @@ class Classifier:
         self.normalize = BatchNormalize.from_config(self.data_config, channels_last=True).to(self.device)
         self.transform = eval_transform(self.data_config, loader)
         self.backend_reason = ""  # why load() chose this backend
+        self.tta = check_tta(tta, None)  # the views whose logits are averaged (imgrec.data.tta); None: the image once
 
     def __repr__(self) -> str:
         return f"Classifier({self.card.architecture}, {len(self.classes)} classes, {self.device}, {self.backend})"
@@ -104,8 +107,9 @@ class Classifier:
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """float32 logits on the CPU for a uint8 batch [B, 3, H, W] already at the model's input size."""
-        return self.forward(self.normalize(images.to(self.device, non_blocking=True)))
+        """float32 logits on the CPU for a uint8 batch [B, 3, H, W] already at the model's input size
+        (averaged over the ``tta`` views where the classifier has them)."""
+        return averaged(self.forward, self.normalize(images.to(self.device, non_blocking=True)), self.tta)
 
     def predict(self, inputs: Any, topk: int = 5, batch_size: int = 32, *, console: Console | None = None) -> list[Prediction]:
         """Top-``topk`` classes and probabilities for each input, in input order.
@@ -128,9 +132,13 @@ class Classifier:
             results.extend(rows)
         return results
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The softmax of ``logits`` divided by the card's temperature (``imgrec calibrate``; none: 1)."""
+        return torch.softmax(tempered(logits.float(), self.card.temperature), dim=1)
+
     def rank(self, logits: torch.Tensor, topk: int, sources: list[str]) -> list[Prediction]:
-        """A ``Prediction`` per row of ``logits``: the top-``topk`` classes by softmax probability."""
-        values, indices = torch.softmax(logits.float(), dim=1).topk(max(1, min(topk, len(self.classes))), dim=1)
+        """A ``Prediction`` per row of ``logits``: the top-``topk`` classes by (calibrated) probability."""
+        values, indices = self.probabilities(logits).topk(max(1, min(topk, len(self.classes))), dim=1)
         rows = []
         for source, vals, idx in zip(sources, values.tolist(), indices.tolist()):
             labels = [self.classes[j] for j in idx]
@@ -198,13 +206,19 @@ def expand_path(text: str) -> Iterator[tuple[str, Any]]:
         yield text, Prediction(text, error="no such file or folder")
 
 
-def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto", loader: str = "fast", backend: str | None = "auto") -> Classifier:
+def load(
+    run: str | os.PathLike, *, device: str = "auto", precision: str = "auto", loader: str = "fast", backend: str | None = "auto", tta: str | None = None
+) -> Classifier:
     """The classifier in a model directory (``imgrec train --out RUN``); reads only safetensors, JSON and ONNX.
+
+    ``tta`` (``flip``, ``crops``, ``flip+crops``) averages the logits of several views of each
+    image (``imgrec.data.tta``; refused where the run trained without flips and asks for them).
 
     ``backend``: ``auto`` takes the fastest one ``imgrec benchmark RUN`` recorded for these weights
     (``imgrec.inference.choice.choose_backend``; ``backend_reason`` says why), a name from
     ``imgrec.inference.backends.BACKENDS`` that one, None PyTorch at ``precision``.
     """
+    tta = check_tta(tta, run)
     model, card = load_model_dir(run)
     reason = "asked for"
     chosen = backend
@@ -213,13 +227,13 @@ def load(run: str | os.PathLike, *, device: str = "auto", precision: str = "auto
     file = backend_file(chosen) if chosen is not None else None
     path = Path(run) / file if file else None
     try:
-        classifier = Classifier(model, card, device=device, precision=precision, loader=loader, backend=chosen, path=path)
+        classifier = Classifier(model, card, device=device, precision=precision, loader=loader, backend=chosen, path=path, tta=tta)
     except Exception as exc:
         if backend != "auto" or path is None:
             raise
         # the benchmarked file no longer opens: PyTorch rather than no predictions
         chosen, reason = default_backend(precision, resolve_device(device)), f"{path} does not load ({type(exc).__name__}: {exc})"
-        classifier = Classifier(model, card, device=device, precision=precision, loader=loader, backend=chosen)
+        classifier = Classifier(model, card, device=device, precision=precision, loader=loader, backend=chosen, tta=tta)
     classifier.backend_reason = reason if backend else f"--precision {precision}"
     return classifier
 

@@ -16,6 +16,7 @@ import functools
 import html
 import io
 import logging
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from starlette.routing import Route
 from imgrec.config import ServeConfig
 from imgrec.data.decode import BadImageError, EncodedImage, TooManyPixelsError, load_sample
 from imgrec.inference.predict import Classifier, load
+from imgrec.inference.search import Index
 from imgrec.serve.batcher import DynamicBatcher
 from imgrec.serve.metrics import Metrics, MetricsMiddleware
 from imgrec.serve.protocol import InferRequest, RequestError, bad, encode_infer_response, parse_infer_request, parse_top_k
@@ -44,8 +46,8 @@ DRAIN_LIMIT = 1 << 30  # an over-size body is read and dropped up to this, so th
 class Server:
     """The state behind the routes: the classifier, its batcher, the metrics."""
 
-    def __init__(self, classifier: Classifier, config: ServeConfig):
-        self.classifier, self.config = classifier, config
+    def __init__(self, classifier: Classifier, config: ServeConfig, index: Index | None = None):
+        self.classifier, self.config, self.index = classifier, config, index
         self.size = classifier.card.img_size
         self.metrics = Metrics()
         self.batcher = DynamicBatcher(
@@ -53,6 +55,7 @@ class Server:
         )
         self.ready = False
         self.in_flight = 0  # images between decoding and their answer
+        self.explaining = threading.Lock()  # /explain: one backward pass at a time
         self.page_html = resources.files("imgrec.serve").joinpath("page.html").read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(config.name))
 
     @contextlib.asynccontextmanager
@@ -215,7 +218,7 @@ class Server:
         for output in request.outputs:  # Triton's classification extension: "value:index:label" strings
             count = (output.get("parameters") or {}).get("classification")
             if count:
-                source = logits if output["name"] == "logits" else torch.softmax(logits.float(), dim=1)
+                source = logits if output["name"] == "logits" else self.classifier.probabilities(logits)
                 top_values, top_indices = source.topk(min(count, len(classes)), dim=1)
                 strings = [f"{v:f}:{i}:{classes[i]}".encode() for v, i in zip(top_values.flatten().tolist(), top_indices.flatten().tolist())]
                 tensors[output["name"]] = ("BYTES", strings, [n, top_values.shape[1]])
@@ -223,11 +226,52 @@ class Server:
 
     async def predict(self, request: Request) -> Response:
         """``curl -F file=@cat.jpg HOST/predict`` (or the image as the raw body): the top-k classes as JSON."""
-        topk = request.query_params.get("topk", "5")
-        try:
-            k = parse_top_k(int(topk))
-        except ValueError:
-            raise bad("bad_request", f"query parameter topk must be a positive integer, got {topk[:20]!r}") from None
+        k = count_parameter(request, "topk", "5")
+        name, data = await self.uploaded_image(request)
+        logits = await self.logits(InferRequest("BYTES", images=[data], names=[name], top_k=k))
+        ranked = self.classifier.rank(logits, k, [name])[0].to_dict()
+        return JSONResponse({"model": self.config.name, "backend": self.classifier.backend, "top": ranked["top"]})
+
+    async def explain(self, request: Request) -> Response:
+        """``curl -F file=@cat.jpg HOST/explain[?class=NAME]``: a PNG of the image as the model sees it
+        with the Grad-CAM heatmap of its top class (or NAME) over it; the class and its probability
+        in the X-Class and X-Probability headers. One at a time: a backward pass is a training step's cost."""
+        from imgrec.inference.explain import explain, png_bytes
+
+        name, data = await self.uploaded_image(request)
+        wanted = request.query_params.get("class")
+        if wanted is not None and wanted not in self.classifier.classes:
+            raise bad("bad_request", f"query parameter class must be one of the model's classes, got {wanted[:40]!r}")
+
+        def work() -> tuple[bytes, dict[str, Any]]:
+            image = self.decode(name, data)
+            with self.explaining:
+                row = explain(self.classifier, [image], wanted)[0]
+            return png_bytes(row["overlay"]), row
+
+        self.metrics.images.inc()
+        png, row = await run_in_threadpool(work)
+        return Response(png, media_type="image/png", headers={"X-Class": row["class"], "X-Probability": f"{row['prob']:.6f}"})
+
+    async def search(self, request: Request) -> Response:
+        """``curl -F file=@cat.jpg HOST/search?k=10``: the indexed images most like the one sent, with their cosine similarity."""
+        from imgrec.inference.search import embed
+
+        if self.index is None:
+            raise bad("no_index", "this server has no index: start it with --index DIR (made by imgrec index RUN --data DIR)", 404)
+        count = count_parameter(request, "k", "10")
+        name, data = await self.uploaded_image(request)
+
+        def work() -> list[tuple[str, float]]:
+            return self.index.nearest(embed(self.classifier, [self.decode(name, data)]), count)[0]
+
+        self.metrics.images.inc()
+        neighbours = await run_in_threadpool(work)
+        return JSONResponse({"model": self.config.name, "neighbours": [{"file": f, "similarity": s} for f, s in neighbours]})
+
+    async def uploaded_image(self, request: Request) -> tuple[str, bytes]:
+        """(name, bytes) of the one image of a /predict or /explain request: a multipart field
+        ``file`` or the image as the body."""
         body = await self.read_body(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
@@ -238,9 +282,7 @@ class Server:
             raise bad("unsupported_media", f"Content-Type {kind!r} is not accepted: upload multipart/form-data with field 'file', or the image itself", 415)
         if not data:
             raise bad("bad_image", f"{name}: empty file (0 bytes)")
-        logits = await self.logits(InferRequest("BYTES", images=[data], names=[name], top_k=k))
-        ranked = self.classifier.rank(logits, k, [name])[0].to_dict()
-        return JSONResponse({"model": self.config.name, "backend": self.classifier.backend, "top": ranked["top"]})
+        return name, data
 
     async def uploaded_file(self, request: Request, body: bytes) -> tuple[str, bytes]:
         """(file name, bytes) of the multipart field ``file``."""
@@ -269,11 +311,43 @@ class Server:
         return Response(content, media_type=content_type)
 
 
-def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Starlette:
-    """The ASGI application serving ``classifier`` (run it with uvicorn, or ``serve``)."""
-    server = Server(classifier, config or ServeConfig())
-    model = "/v2/models/{name}"
-    versioned = "/v2/models/{name}/versions/{version}"
+def count_parameter(request: Request, name: str, default: str) -> int:
+    """The positive integer of query parameter ``name`` (``?topk=5``), or a 400 naming it."""
+    text = request.query_params.get(name, default)
+    try:
+        return parse_top_k(int(text))
+    except ValueError:
+        raise bad("bad_request", f"query parameter {name} must be a positive integer, got {text[:20]!r}") from None
+
+
+def server_routes(server: Server) -> list[Route]:
+    """The page, /predict, /explain, /metrics and the Open Inference Protocol v2 routes (each
+    model route also under its version)."""
+    routes = [
+        Route("/", server.page),
+        Route("/v2", server.server_metadata),
+        Route("/v2/health/live", server.live),
+        Route("/v2/health/ready", server.server_ready),
+        Route("/predict", server.predict, methods=["POST"]),
+        Route("/explain", server.explain, methods=["POST"]),
+        Route("/search", server.search, methods=["POST"]),
+        Route("/metrics", server.metrics_text),
+    ]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            Route(prefix, server.model_metadata),
+            Route(prefix + "/ready", server.model_ready),
+            Route(prefix + "/infer", server.infer, methods=["POST"]),
+        ]
+    return routes
+
+
+def create_app(classifier: Classifier, config: ServeConfig | None = None, index: Index | None = None) -> Starlette:
+    """The ASGI application serving ``classifier`` (run it with uvicorn, or ``serve``); with
+    ``index`` (``imgrec.inference.search.Index``), ``/search`` answers from it."""
+    if index is not None:
+        index.check(classifier)
+    server = Server(classifier, config or ServeConfig(), index)
 
     def guarded(endpoint):
         """``endpoint`` answering an unexpected exception with a JSON 500, logged, keeping the connection
@@ -292,21 +366,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Sta
 
         return call
 
-    routes = [
-        Route("/", server.page),
-        Route("/v2", server.server_metadata),
-        Route("/v2/health/live", server.live),
-        Route("/v2/health/ready", server.server_ready),
-        Route("/predict", server.predict, methods=["POST"]),
-        Route("/metrics", server.metrics_text),
-    ]
-    for prefix in (model, versioned):
-        routes += [
-            Route(prefix, server.model_metadata),
-            Route(prefix + "/ready", server.model_ready),
-            Route(prefix + "/infer", server.infer, methods=["POST"]),
-        ]
-    routes = [Route(r.path, guarded(r.endpoint), methods=r.methods) for r in routes]
+    routes = [Route(r.path, guarded(r.endpoint), methods=r.methods) for r in server_routes(server)]
 
     async def request_error(request: Request, exc: RequestError) -> Response:
         server.metrics.errors.labels(exc.kind).inc()
@@ -333,14 +393,15 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Sta
 
 def serve(
     run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", backend: str = "auto", config: ServeConfig | None = None,
-    access_log: bool = False,
+    access_log: bool = False, tta: str | None = None, index: str | Path | None = None,
 ) -> None:  # fmt: skip
-    """Load the model directory ``run`` and serve it until interrupted."""
+    """Load the model directory ``run`` and serve it until interrupted (``tta``: test-time augmentation, ``imgrec.data.tta``)."""
     import uvicorn
 
-    classifier = load(run, device=device, backend=backend)
+    classifier = load(run, device=device, backend=backend, tta=tta)
     print(f"imgrec serve: {run} as model {(config or ServeConfig()).name!r}, backend {classifier.backend} ({classifier.backend_reason})", flush=True)
-    uvicorn.run(create_app(classifier, config), host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30)
+    found = Index(index) if index is not None else None
+    uvicorn.run(create_app(classifier, config, found), host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30)
 
 
 __all__ = ["ServeConfig", "Server", "create_app", "serve"]

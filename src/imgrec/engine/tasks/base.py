@@ -101,6 +101,11 @@ class Task:
         the checkpoint; None when there is nothing to write."""
         return None
 
+    def finish(self) -> str | None:
+        """Every rank, once the last epoch is saved and its checkpoint written: work on the finished
+        model (calibration), and a line for the console, or None."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """The task's part of a checkpoint (the trainer adds optimizer, schedule, position, RNG)."""
         raise NotImplementedError

@@ -9,6 +9,7 @@ from the model or its EMA, whichever is better. The loop is the trainer's (``img
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable
@@ -18,7 +19,9 @@ import torch
 from rich.console import Console
 
 from imgrec import distributed
-from imgrec.card import ModelCard
+from imgrec.calibration import MIN_IMAGES as MIN_CALIBRATION_IMAGES
+from imgrec.calibration import before_and_after, fit_temperature
+from imgrec.card import MODEL_WEIGHTS, ModelCard
 from imgrec.config import TrainConfig
 from imgrec.data.cache import BatchedRandomResizedCrop, CachedEvalLoader, CachedTrainLoader, ImageCache, cache_plan, cache_side
 from imgrec.data.folder import read_class_names, take_fraction, write_class_index
@@ -264,6 +267,33 @@ class ClassifyTask(Task):
             metrics={k: best[k] for k in ("top1", "top5", "epoch") if best.get(k) is not None}, weights=best["weights"], pretrained=config.pretrained,
             pretrained_source=dict(self.pretrained_source), model_args=dict(config.model_args or {}),
         )  # fmt: skip
+
+    def finish(self) -> str | None:
+        """With ``--calibrate``: the saved weights' temperature, fitted on the val split over all
+        ranks, stored in model.json by rank 0 (``imgrec calibrate`` on the run's own held-out images)."""
+        if not self.config.calibrate:
+            return None
+        if self.val_loader is None:
+            return "--calibrate: no validation images (--val-split 0), so no temperature was fitted; run `imgrec calibrate RUN --data VAL`"
+        from safetensors.torch import load_file
+
+        run = self.run
+        saved = copy.deepcopy(self.saved)
+        saved.load_state_dict(load_file(str(run.out / MODEL_WEIGHTS), device=str(run.device)))  # the best epoch's weights, as the model directory holds them
+        logits, labels = collect_logits(saved, self.val_loader, device=run.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[run.precision])
+        logits, labels = distributed.gather_rows(logits.to(run.device)).cpu(), distributed.gather_rows(labels.to(run.device)).cpu()
+        if len(labels) < MIN_CALIBRATION_IMAGES:
+            return f"--calibrate: {len(labels)} validation images are too few to fit a temperature (at least {MIN_CALIBRATION_IMAGES}); the model is left uncalibrated"
+        temperature = fit_temperature(logits, labels)
+        report = before_and_after(logits, labels, temperature)
+        if distributed.is_main():
+            card = ModelCard.read(run.out)
+            card.temperature, card.calibration = temperature, {"data": "the run's validation split", **report}
+            card.write(run.out)
+        return (
+            f"calibrated on {len(labels)} val images: temperature {temperature:.4g}, ECE {report['ece_before']:.2f}% -> {report['ece_after']:.2f}%, "
+            f"NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,46 @@
+"""``imgrec calibrate RUN --data VAL``: fit the temperature that makes a model's probabilities
+honest on held-out images and store it in the model card (``imgrec.calibration``).
+
+Predict, evaluate and serve read the card and divide the logits by the temperature before the
+softmax; the predicted class never changes, only how sure the model says it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from imgrec.calibration import MIN_IMAGES, before_and_after, fit_temperature
+from imgrec.card import MODEL_CARD
+from imgrec.engine.evaluate import model_outputs
+
+
+def calibrate(run: str | os.PathLike, data: str | os.PathLike, *, write: bool = True, console: Console | None = None, **options: Any) -> dict[str, Any]:
+    """Fit a temperature on the labelled images ``data`` (held out from training: a val folder, a
+    dataset root whose ``val/`` or recorded split is used, as ``evaluate`` reads it) and, with
+    ``write``, store it in ``run``'s model.json. Any temperature already stored is ignored: the fit
+    starts from the raw logits. ``options`` are ``model_outputs``'s (labels, batch_size, workers,
+    device, precision, max_bad_fraction, loader). Returns the temperature, the images it was
+    fitted on, and the ECE (percent), NLL and Brier score before and after.
+    """
+    out = model_outputs(run, data, console=console, **options)
+    if len(out.labels) < MIN_IMAGES:
+        raise ValueError(
+            f"{data}: {len(out.labels)} labelled images; a temperature fitted on fewer than {MIN_IMAGES} is noise. "
+            "Calibrate on a larger held-out set (the val split of a bigger dataset)"
+        )
+    temperature = fit_temperature(out.logits, out.labels)
+    result = {"temperature": temperature, "data": str(data), **before_and_after(out.logits, out.labels, temperature)}
+    if write:
+        card = out.card
+        card.temperature = temperature
+        card.calibration = {key: value for key, value in result.items() if key != "temperature"}
+        card.write(run)
+        result["card"] = str(Path(run) / MODEL_CARD)
+    return result
+
+
+__all__ = ["calibrate"]
