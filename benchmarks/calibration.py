@@ -66,7 +66,10 @@ def one_run(name: str, data: Path, out: Path, model: str, epochs: int, seed: int
     card.pop("temperature", None), card.pop("calibration", None)  # a rerun starts uncalibrated
     (run / "model.json").write_text(json.dumps(card, indent=2))
     before = evaluate(run, data / "test", workers=0)
-    fitted = calibrate(run, data, workers=0)  # the root's val/: the half the run validated on
+    try:
+        fitted = calibrate(run, data, workers=0)  # the root's val/: the half the run validated on
+    except ValueError as exc:  # too few mistakes to fit on: refused, the model left as it was
+        return {"dataset": name, "seed": seed, "refused": str(exc), "top1_before": before["top1"], "ece_before": before["ece"], "test_images": before["n"]}
     after = evaluate(run, data / "test", workers=0)
     return {
         "dataset": name, "seed": seed, "model": model, "epochs": epochs, "train_s": round(trained, 1), "temperature": fitted["temperature"],
@@ -97,7 +100,12 @@ def main() -> int:
     print("| dataset | top-1 before / after | ECE % before | ECE % after | sampling floor of ECE % | NLL before / after | Brier before / after | T | fitted on / test images |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["dataset"] for r in rows):
-        mine = [r for r in rows if r["dataset"] == name]
+        refused = [r for r in rows if r["dataset"] == name and "refused" in r]
+        if refused:
+            print(f"| {name} | {refused[0]['top1_before']:.2f} | {refused[0]['ece_before']:.2f} | refused ({len(refused)} of {len(args.seeds)} seeds): {refused[0]['refused'][:120]} | | | | | |")
+        mine = [r for r in rows if r["dataset"] == name and "refused" not in r]
+        if not mine:
+            continue
         med = {key: statistics.median(r[key] for r in mine) for key in mine[0] if isinstance(mine[0][key], (int, float))}
         print(
             f"| {name} | {med['top1_before']:.2f} / {med['top1_after']:.2f} | {med['ece_before']:.2f} | **{med['ece_after']:.2f}** | {med['ece_floor']:.2f} "

@@ -35,6 +35,8 @@ def main() -> int:
         figures: dict = {mode: [] for mode in MODES}
         for _ in range(args.rounds):
             for mode in MODES:
+                if isinstance(figures[mode], str):  # refused in an earlier round
+                    continue
                 try:
                     figures[mode].append(evaluate(run, test, tta=mode, workers=0))
                 except ValueError as exc:

@@ -34,13 +34,16 @@ def train_tiny_run(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(classifier, config=None) -> Iterator[tuple[str, object]]:
+def running_server(classifier, config=None, *, api_keys=None, ssl: tuple[str, str] | None = None, grpc: bool = False) -> Iterator[tuple[str, object]]:
+    """A real uvicorn server on a free port in a thread: (base URL, the app's Server); ``ssl`` = (key
+    file, certificate file); ``grpc``: gRPC too, on a free port (the Server's ``grpc_port``)."""
     import uvicorn
 
     from imgrec.serve import create_app
 
-    app = create_app(classifier, config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on"))
+    app = create_app(classifier, config, api_keys=api_keys, grpc={"host": "127.0.0.1", "port": 0} if grpc else None)
+    tls = {"ssl_keyfile": ssl[0], "ssl_certfile": ssl[1]} if ssl else {}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on", **tls))
     thread = threading.Thread(target=server.run, name="imgrec-test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -50,7 +53,7 @@ def running_server(classifier, config=None) -> Iterator[tuple[str, object]]:
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}", app.state.server
+        yield f"{'https' if ssl else 'http'}://127.0.0.1:{port}", app.state.server
     finally:
         server.should_exit = True
         thread.join(timeout=30)

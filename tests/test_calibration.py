@@ -151,3 +151,32 @@ def test_the_report_shows_the_reliability_diagram(tmp_path) -> None:
     page = write_report(tmp_path / "r.html", title="t", history=[], metrics=metrics, predictions=[]).read_text()
     assert "<h2>Calibration</h2>" in page and "expected calibration error 37.50%" in page and 'alt="reliability diagram"' in page
     assert "<th>ECE</th>" in page or ">ECE<" in page
+
+
+def test_a_set_without_mistakes_is_refused_not_fitted_to_certainty(run_dir, tmp_path) -> None:
+    """With no wrong answers the NLL falls as T -> 0; calibrate refuses rather than make the model
+    certain of everything, and train --calibrate leaves the model uncalibrated, saying why."""
+    from imgrec.calibration import fit_temperature, unfit_reason
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.5]]).repeat(40, 1)
+    labels = torch.tensor([0, 1]).repeat(40)
+    temperature = fit_temperature(logits, labels)
+    assert temperature < 0.2  # the fit runs to the floor...
+    assert "fewer than 5 mistakes" in unfit_reason(logits, labels, temperature)  # ...and is not used
+    flipped = labels.clone()
+    flipped[:8] = 1 - flipped[:8]
+    assert unfit_reason(logits, flipped, fit_temperature(logits, flipped)) is None
+
+
+def test_calibrate_records_its_tta_and_restamps_exported_cards(run_dir, tmp_path) -> None:
+    from imgrec.engine.calibrate import calibrate
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "model.onnx").write_bytes(b"onnx")  # stands for an export; its card beside it
+    (run / "model.onnx.json").write_text(json.dumps({"architecture": "old"}))
+    data = run_dir.parent / "data" / "train"
+    result = calibrate(run, data, tta="flip", device="cpu", precision="fp32", workers=0)
+    card = json.loads((run / "model.json").read_text())
+    assert card["calibration"]["tta"] == "flip" and result["exports"] == [str(run / "model.onnx")]
+    assert json.loads((run / "model.onnx.json").read_text())["temperature"] == card["temperature"]

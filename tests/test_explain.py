@@ -135,6 +135,7 @@ def test_the_server_explains_its_answer(quadrant_run) -> None:
         assert Image.open(__import__("io").BytesIO(answer.content)).size == (64, 64)
         other = client.post("/explain?class=ring", content=image.read_bytes(), headers={"content-type": "image/png"})
         assert other.status_code == 200 and other.headers["x-class"] == "ring"
+        assert answer.headers["x-class-index"] == str(classifier.classes.index(top["class"]))
         wrong = client.post("/explain?class=square", content=image.read_bytes(), headers={"content-type": "image/png"})
         assert wrong.status_code == 400 and "class must be one of the model's classes" in wrong.json()["error"]
         broken = client.post("/explain", content=b"not an image", headers={"content-type": "image/png"})
@@ -157,3 +158,55 @@ def test_the_report_shows_the_most_confident_mistakes_with_heatmaps(quadrant_run
     assert "data:image/jpeg;base64," in section
     empty = write_report(tmp_path / "e.html", title="t", history=[], metrics=metrics, predictions=[], mistakes=[]).read_text()
     assert "no mistakes on the images shown" in empty
+
+
+def test_channels_last_feature_maps_and_token_models_without_a_grid() -> None:
+    """A stage that gives NHWC maps (MambaOut, Swin) is laid out as channels first before weighing;
+    features that are neither a map nor ViT tokens on a grid are refused, saying so."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_mambaout", num_classes=3).eval()
+    x = torch.randn(1, 3, 160, 160)
+    heatmaps, _ = gradcam(net, x, classes=[1])
+    features = net.forward_features(x).detach().requires_grad_(True)  # [1, h, w, C]
+    net.forward_head(features)[0, 1].backward()
+    cam = torch.relu((features.grad.mean(dim=(1, 2), keepdim=True) * features).sum(-1))[:, None]
+    cam = torch.nn.functional.interpolate(cam, size=(160, 160), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(heatmaps, cam / cam.max(), atol=1e-5)
+    levit = timm.create_model("levit_128s", num_classes=3).eval()
+    with pytest.raises(ValueError, match="not a map or ViT tokens on a grid"):
+        gradcam(levit, torch.randn(1, 3, 224, 224))
+
+
+def test_each_image_can_be_explained_for_its_own_class(quadrant_run, tmp_path) -> None:
+    from imgrec.inference.explain import explain_files
+    from imgrec.inference.predict import load
+
+    run, data = quadrant_run
+    images = sorted((data / "val" / "cross").glob("*.png"))[:2]
+    rows = explain_files(load(run, device="cpu", backend="eager"), images, tmp_path, ["ring", "cross"])
+    assert [r["class"] for r in rows] == ["ring", "cross"]
+
+
+def test_the_server_explains_classes_whose_names_are_not_latin1(quadrant_run, tmp_path) -> None:
+    """Headers are latin-1: the class name goes percent-encoded, with its index beside it."""
+    import shutil
+    from urllib.parse import unquote
+
+    from starlette.testclient import TestClient
+
+    from imgrec.inference.predict import load
+    from imgrec.serve.app import create_app
+
+    run, data = quadrant_run
+    renamed = tmp_path / "run"
+    shutil.copytree(run, renamed)
+    card = json.loads((renamed / "model.json").read_text())
+    card["classes"] = ["十字", "环"]
+    (renamed / "model.json").write_text(json.dumps(card))
+    image = sorted((data / "val" / "ring").glob("*.png"))[0]
+    with TestClient(create_app(load(renamed, device="cpu", backend="eager"))) as client:
+        answer = client.post("/explain", content=image.read_bytes(), headers={"content-type": "image/png"})
+        assert answer.status_code == 200 and unquote(answer.headers["x-class"]) in ("十字", "环")
+        assert ["十字", "环"].index(unquote(answer.headers["x-class"])) == int(answer.headers["x-class-index"])

@@ -61,6 +61,12 @@ def test_evaluate_groups_through_the_command_and_the_report(run_dir, tmp_path, c
     metrics = json.loads(out.read_text())
     page = write_report(tmp_path / "r.html", title="t", history=[], metrics=metrics, predictions=[]).read_text()
     assert "<h2>Groups</h2>" in page and "site-1" in page and "Largest gaps between groups: top-1" in page
-    (tmp_path / "bad.csv").write_text("nothere.png,site-0\n")
+    (tmp_path / "bad.csv").write_text("image,group\nnothere.png,site-0\n")
     assert main(["evaluate", str(run_dir), "--data", str(data), "--groups", str(tmp_path / "bad.csv"), "--device", "cpu", "--workers", "0"]) == 2
-    assert "image 'nothere.png' not found" in capsys.readouterr().err
+    assert "line 2: image 'nothere.png' not found" in capsys.readouterr().err
+    windows = "image_path,group\n" + "\n".join(f"{p.relative_to(data / 'val').as_posix().replace('/', chr(92))},all" for p in val) + "\n"
+    (tmp_path / "windows.csv").write_text(windows)  # backslashes, and a header of any name
+    assert main(["evaluate", str(run_dir), "--data", str(data), "--groups", str(tmp_path / "windows.csv"), "--json", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    assert json.loads(out.read_text())["fairness"]["groups"][0]["n"] == len(val)
+    assert main(["evaluate", str(run_dir), "--data", str(data), "--groups", str(tmp_path / "none.csv"), "--device", "cpu"]) == 2
+    assert "--groups" in capsys.readouterr().err

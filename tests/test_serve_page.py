@@ -377,3 +377,24 @@ def test_show_where_it_looked_swaps_in_the_heatmap_and_back(page, classifier, va
     assert button.text == "Show the image"
     button.click()
     assert driver.execute_script("return document.getElementById('preview').src") == sent and button.text == "Show where it looked"
+
+
+def test_a_server_with_keys_asks_for_one_and_then_answers(browser, classifier, val_images):
+    """Behind --api-key the page's first request gets a 401: the page shows the key field; with
+    the key entered, the same image is classified."""
+    from selenium.webdriver.common.by import By
+
+    key = "page-test-key-0123456789"
+    with running_server(classifier, api_keys=[key]) as (base_url, _):
+        browser.get(base_url + "/")
+        browser.execute_script("sessionStorage.clear()")
+        form = browser.find_element(By.ID, "keyform")
+        assert not form.is_displayed()
+        path = val_images[2]
+        choose_file(browser, path)
+        state = wait_for_error(browser)
+        assert "needs an API key" in state["status"] and form.is_displayed()
+        browser.find_element(By.ID, "key").send_keys(key)
+        form.find_element(By.TAG_NAME, "button").click()
+        check_result(browser, classifier, path, path.name)
+        assert not form.is_displayed()

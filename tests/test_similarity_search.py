@@ -90,3 +90,16 @@ def test_the_commands_and_the_server(run_dir, gallery, tmp_path, capsys) -> None
     with TestClient(create_app(classifier)) as client:
         missing = client.post("/search", content=original.read_bytes())
         assert missing.status_code == 404 and "--index" in missing.json()["error"]
+
+
+def test_an_index_refuses_other_weights_of_the_same_architecture(run_dir, gallery, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder, original = gallery
+    build_index(run_dir, folder / "val", tmp_path / "index", device="cpu")
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(other / "model.safetensors"))
+    with pytest.raises(ValueError, match="built with other weights"):
+        search(other, [original], index=tmp_path / "index", device="cpu")

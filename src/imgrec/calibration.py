@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al. report ECE
 MIN_IMAGES = 50  # fewer held-out images than this fit a temperature to noise
+MIN_MISTAKES = 5  # with fewer wrong answers the NLL is lowest at T -> 0: every answer certain, future mistakes included
 TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted T outside this means the held-out set is too small or the logits degenerate
 
 
@@ -100,6 +101,21 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return temperature
 
 
+def unfit_reason(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> str | None:
+    """Why a temperature fitted on these images should not be used, or None: too few images, too
+    few mistakes (the NLL then keeps falling as T -> 0, making the model certain of everything,
+    its future mistakes included), or a fit stuck at the floor of ``TEMPERATURE_RANGE``."""
+    mistakes = int((logits.argmax(dim=1) != labels).sum())
+    if len(labels) < MIN_IMAGES:
+        return f"{len(labels)} labelled images; a temperature fitted on fewer than {MIN_IMAGES} is noise"
+    if mistakes < MIN_MISTAKES:
+        return (f"the model gets {len(labels) - mistakes} of these {len(labels)} images right; with fewer than {MIN_MISTAKES} mistakes the "
+                "best temperature is near 0, which would make it certain of every answer, its future mistakes included")  # fmt: skip
+    if temperature <= TEMPERATURE_RANGE[0]:  # the upper edge only makes a model that knows little say so
+        return f"the fitted temperature {temperature:g} is at the floor imgrec accepts ({TEMPERATURE_RANGE[0]}): the logits are degenerate"
+    return None
+
+
 def before_and_after(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, Any]:
     """What dividing ``logits`` by ``temperature`` does on these images: their number, and ECE
     (percent), NLL and Brier score before and after (what the model card's ``calibration`` holds)."""
@@ -116,4 +132,4 @@ def tempered(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
     return logits if temperature in (None, 1.0) else logits / temperature
 
 
-__all__ = ["ECE_BINS", "MIN_IMAGES", "TEMPERATURE_RANGE", "before_and_after", "brier_score", "calibration_metrics", "expected_calibration_error", "fit_temperature", "reliability_bins", "tempered"]
+__all__ = ["ECE_BINS", "MIN_IMAGES", "MIN_MISTAKES", "unfit_reason", "TEMPERATURE_RANGE", "before_and_after", "brier_score", "calibration_metrics", "expected_calibration_error", "fit_temperature", "reliability_bins", "tempered"]

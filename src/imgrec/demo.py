@@ -104,7 +104,7 @@ def confident_mistakes(classifier: Any, val_dir: Path, out: Path, count: int = 8
     truth = dict(demo_samples(val_dir, per_class=None))
     wrong = [p for p in classifier.predict(list(truth)) if p.error is None and p.label != truth[p.source]]
     wrong = sorted(wrong, key=lambda p: -p.prob)[:count]
-    heatmaps = {row["source"]: row["heatmap"] for row in explain_files(classifier, [p.source for p in wrong], out) if "heatmap" in row}
+    heatmaps = {row["source"]: row["heatmap"] for row in explain_files(classifier, [p.source for p in wrong], out, [p.label for p in wrong]) if "heatmap" in row}
     return [{"image": p.source, "heatmap": heatmaps.get(p.source), "true": truth[p.source], "pred": p.label, "prob": p.prob} for p in wrong]
 
 

@@ -88,6 +88,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """``tensor`` summed (``op="sum"``) or maximised (``"max"``) over the ranks, in place."""
     if is_distributed():
@@ -156,6 +162,7 @@ __all__ = [
     "is_distributed",
     "is_main",
     "any_rank",
+    "barrier",
     "process_group",
     "rank",
     "setup",

@@ -102,12 +102,17 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=bounded(int, "[0, 65535]"), default=8000)
+    p.add_argument("--grpc-port", type=bounded(int, "[0, 65535]"), default=None, help="also serve the Open Inference Protocol v2 over gRPC on this port (tritonclient.grpc works with it), e.g. 8001")
     p.add_argument("--device", default="auto")
     add_backend_flag(p)
     add_config_flags(p, ServeConfig)
     p.add_argument("--max-body-mb", type=bounded(float, "[0.01, inf)"), default=None, help=f"largest request body in MiB (default {ServeConfig.max_body_bytes >> 20})")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--index", metavar="DIR", help="an index of imgrec index: POST /search answers with the most similar images")
+    p.add_argument("--api-key", action="append", metavar="KEY", help="require Authorization: Bearer KEY on every route but the page and health checks (repeat for several keys; or --api-key-file, or $IMGREC_API_KEYS, comma-separated)")
+    p.add_argument("--api-key-file", metavar="FILE", help="the accepted keys, one a line (# comments); keeps them out of the process list")
+    p.add_argument("--ssl-keyfile", metavar="PEM", help="HTTPS: the private key (with --ssl-certfile)")
+    p.add_argument("--ssl-certfile", metavar="PEM", help="HTTPS: the certificate chain")
     p.set_defaults(handler=run_serve)
 
 
@@ -130,7 +135,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.explain:
         from imgrec.inference.explain import explain_files
 
-        explained = explain_files(classifier, [p.source for p in predictions if p.error is None], args.explain, batch_size=args.batch_size)
+        shown = [p for p in predictions if p.error is None]
+        explained = explain_files(classifier, [p.source for p in shown], args.explain, [p.label for p in shown], batch_size=args.batch_size)  # each for the class the table shows
         print(f"heatmaps: {args.explain} ({sum('heatmap' in row for row in explained)} images)", file=sys.stderr)
     failed = sum(p.error is not None for p in predictions)
     if failed:
@@ -176,7 +182,7 @@ def run_explain(args: argparse.Namespace) -> int:
         else:
             paths.append(source)
     out = args.out or str(Path(args.run) / "explain")
-    rows += explain_files(classifier, paths, out, class_name=args.class_name, batch_size=args.batch_size)
+    rows += explain_files(classifier, paths, out, args.class_name, batch_size=args.batch_size)
     for row in rows:
         if "error" in row:
             print(f"{row['source']}: {row['error']}", file=sys.stderr)
@@ -278,15 +284,40 @@ def run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The keys of --api-key, --api-key-file and $IMGREC_API_KEYS, together; an unreadable file is an error naming it."""
+    import os
+
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {exc.strerror or exc}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not keys:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key: one key a line")
+    keys += [key.strip() for key in os.environ.get("IMGREC_API_KEYS", "").split(",") if key.strip()]
+    short = [key for key in keys if len(key) < 16]
+    if short:
+        raise ValueError(f"an API key of {len(short[0])} characters is too easy to guess: use at least 16 (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return keys
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from imgrec.serve import serve
 
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together: HTTPS needs the key and its certificate")
+    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
     values = {name: value for name, value in vars(args).items() if name in ServeConfig.__dataclass_fields__ and value is not None}
     values["name"] = args.name or Path(args.run).resolve().name
     if args.max_body_mb is not None:
         values["max_body_bytes"] = int(args.max_body_mb * 2**20)
     serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend, config=ServeConfig(**values), access_log=args.access_log, tta=args.tta,
-          index=args.index)  # fmt: skip
+          index=args.index, api_keys=api_keys(args), ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, grpc_port=args.grpc_port)  # fmt: skip
     return 0
 
 

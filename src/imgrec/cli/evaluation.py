@@ -32,6 +32,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="labels of a flat folder: CSV 'filename,class' or ILSVRC's ground-truth list")
     p.add_argument("--dry-run", action="store_true", help="fit and print, but leave model.json as it is")
     add_labelled_data_flags(p)
+    add_tta_flag(p)
     p.set_defaults(handler=run_calibrate)
 
     p = commands.add_parser("probe", help="kNN or linear-probe accuracy of a frozen backbone's features (features cached on disk)")
@@ -110,7 +111,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     result = calibrate(
         args.run, args.data, labels=args.labels, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        precision=args.precision, max_bad_fraction=args.max_bad_fraction, loader=args.loader, write=not args.dry_run, console=console,
+        precision=args.precision, max_bad_fraction=args.max_bad_fraction, loader=args.loader, tta=args.tta, write=not args.dry_run, console=console,
     )  # fmt: skip
     console.print(
         f"temperature {result['temperature']:.4g} fitted on {result['images']} images of {result['data']}: "
@@ -119,6 +120,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         highlight=False,
     )
     console.print(f"stored in {result['card']}: predict, evaluate and serve apply it" if "card" in result else "dry run: model.json left as it was", highlight=False)
+    for exported in result.get("exports", []):
+        console.print(f"{exported}.json: the card beside the export now has the temperature", highlight=False)
     return 0
 
 

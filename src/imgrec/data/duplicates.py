@@ -55,17 +55,25 @@ def thumbnail(image: Image.Image) -> np.ndarray:
 
 
 def near_pairs(hashes: list[int], max_bits: int = CANDIDATE_BITS) -> list[tuple[int, int, int]]:
-    """(i, j, differing bits) for every i < j whose hashes differ in at most ``max_bits`` bits,
-    compared BLOCK x BLOCK at a time (4 MB of distances each)."""
-    values = np.asarray(hashes, dtype=np.uint64)
-    pairs = []
+    """(i, j, differing bits) for every i < j whose hashes differ in at most ``max_bits`` bits
+    (every pair kept: for tests and studies; ``find_duplicates`` confirms block by block instead)."""
+    pairs: list[tuple[int, int, int]] = []
+    for start, other, rows, columns, distances in candidate_blocks(np.asarray(hashes, dtype=np.uint64), max_bits):
+        pairs += [(start + r, other + c, int(d)) for r, c, d in zip(rows.tolist(), columns.tolist(), distances.tolist())]
+    return pairs
+
+
+def candidate_blocks(values: np.ndarray, max_bits: int):
+    """For each BLOCK x BLOCK tile of the upper triangle: (row offset, column offset, rows, columns,
+    distances) of its pairs i < j whose hashes differ in at most ``max_bits`` bits."""
     for start in range(0, len(values), BLOCK):
         block = values[start : start + BLOCK]
         for other in range(start, len(values), BLOCK):
             distances = np.bitwise_count(block[:, None] ^ values[None, other : other + BLOCK])
             rows, columns = np.nonzero(distances <= max_bits)
-            pairs += [(start + r, other + c, int(distances[r, c])) for r, c in zip(rows.tolist(), columns.tolist()) if start + r < other + c]
-    return pairs
+            upper = start + rows < other + columns
+            if upper.any():
+                yield start, other, rows[upper], columns[upper], distances[rows[upper], columns[upper]]
 
 
 @dataclass
@@ -113,7 +121,8 @@ class DuplicateReport:
 
 def find_duplicates(files: list[Fingerprint], candidate_bits: int = CANDIDATE_BITS, near_cosine: float = NEAR_COSINE) -> DuplicateReport:
     """Groups of copies among ``files``: files joined by equal bytes, or by near hashes and alike
-    thumbnails (see the module), transitively."""
+    thumbnails (see the module), transitively. Pairs are confirmed and joined one tile of hashes
+    at a time, so memory stays bounded however many images look alike (blank pages)."""
     parent = list(range(len(files)))
 
     def root(i: int) -> int:
@@ -128,33 +137,29 @@ def find_duplicates(files: list[Fingerprint], candidate_bits: int = CANDIDATE_BI
     for members in by_digest.values():
         for i in members[1:]:
             parent[root(i)] = root(members[0])
-    near = confirmed(files, near_pairs([f.dhash for f in files], candidate_bits), near_cosine)
-    for i, j, _ in near:
-        parent[root(i)] = root(j)
-    least: dict[int, float] = {}
-    for i, _, cosine in near:
-        least[root(i)] = min(least.get(root(i), 1.0), cosine)
+    digests = np.array([f.sha256 for f in files])
+    thumbnails = np.stack([f.thumbnail for f in files]).astype(np.float32) if files else np.zeros((0, THUMBNAIL * THUMBNAIL), np.float32)
+    least: dict[int, float] = {}  # the least cosine that joined a near pair, by one member
+    for start, other, rows, columns, _ in candidate_blocks(np.asarray([f.dhash for f in files], dtype=np.uint64), candidate_bits):
+        first, second = start + rows, other + columns
+        for a in range(0, len(first), 1 << 16):  # at most 65,536 pairs' thumbnails at once (64 MB)
+            i, j = first[a : a + (1 << 16)], second[a : a + (1 << 16)]
+            cosines = np.einsum("ij,ij->i", thumbnails[i], thumbnails[j])
+            keep = (cosines >= near_cosine) & (digests[i] != digests[j])
+            for x, y, c in zip(i[keep].tolist(), j[keep].tolist(), cosines[keep].tolist()):
+                parent[root(x)] = root(y)
+                least[x] = min(least.get(x, 1.0), c)
     clusters: dict[int, list[int]] = defaultdict(list)
     for i in range(len(files)):
         clusters[root(i)].append(i)
     groups = []
-    for top, members in clusters.items():
+    for members in clusters.values():
         if len(members) > 1:
             members.sort(key=lambda i: files[i].path)
             exact = len({files[i].sha256 for i in members}) == 1
-            groups.append(DuplicateGroup([files[i].path for i in members], [files[i].split for i in members], exact, 1.0 if exact else round(least.get(top, 1.0), 4)))
+            cosine = 1.0 if exact else round(min((least[i] for i in members if i in least), default=1.0), 4)
+            groups.append(DuplicateGroup([files[i].path for i in members], [files[i].split for i in members], exact, cosine))
     return DuplicateReport(sorted(groups, key=lambda g: (not g.across_splits, g.files)))
-
-
-def confirmed(files: list[Fingerprint], candidates: list[tuple[int, int, int]], near_cosine: float) -> list[tuple[int, int, float]]:
-    """(i, j, cosine) of the candidate pairs whose thumbnails are at least ``near_cosine`` alike (exact copies left out)."""
-    pairs = [(i, j) for i, j, _ in candidates if files[i].sha256 != files[j].sha256]
-    if not pairs:
-        return []
-    thumbnails = np.stack([f.thumbnail for f in files]).astype(np.float32)
-    first, second = (np.asarray(side) for side in zip(*pairs))
-    cosines = np.einsum("ij,ij->i", thumbnails[first], thumbnails[second])
-    return [(int(i), int(j), float(c)) for i, j, c in zip(first, second, cosines) if c >= near_cosine]
 
 
 def split_of(relative: Path) -> str:

@@ -146,33 +146,43 @@ def _is_header(fields: list[str], image_dir: Path) -> bool:
     return len(fields) == 2 and fields[1].lower() in HEADER_NAMES and not (image_dir / fields[0]).is_file()
 
 
-def read_groups_file(path: str | os.PathLike, folders: list[str | os.PathLike]) -> dict[str, str]:
+def read_groups_file(path: str | os.PathLike, folders: list[str | os.PathLike] | None = None) -> dict[str, str]:
     """{resolved image path: group} of a ``filename,group`` CSV (any attribute the user has: site,
-    scanner, age band...), a header line allowed. A filename is absolute or relative to one of
-    ``folders`` (the folder evaluated, the dataset root); one found in none is an error naming it."""
+    scanner, age band...); a first line that names no image is its header. A filename is absolute
+    or relative to one of ``folders`` (the folder evaluated, the dataset root), with ``/`` or ``\\``;
+    one found in none is an error naming it. Without ``folders`` the file's form alone is checked
+    (before a long evaluation) and the rows are returned as they are written."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--groups {path}: no such file; pass a CSV of filename,group lines")
+    places = list(dict.fromkeys(str(Path(f)) for f in folders)) if folders is not None else None
     groups: dict[str, str] = {}
     missing: list[tuple[int, str]] = []
+    header = None
     for number, row in enumerate(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))), start=1):
         fields = [field.strip() for field in row]
         if not any(fields):
             continue
-        if len(fields) != 2:
-            raise ValueError(f"{path}, line {number}: expected 2 columns filename,group, got {len(fields)}: {','.join(row)!r}")
-        found = next((Path(f) / fields[0] for f in folders if (Path(f) / fields[0]).is_file()), None)
-        if found is None:
-            if not (number == 1 and fields[0].lower() in ("filename", "file", "path", "image", "name", "id")):  # not the header
-                missing.append((number, fields[0]))
+        if len(fields) != 2 or not all(fields):
+            raise ValueError(f"{path}, line {number}: expected 2 columns filename,group, got {','.join(row)!r}")
+        name = fields[0].replace("\\", "/")
+        if places is None:
+            groups[name] = fields[1]
             continue
-        groups[str(found.resolve())] = fields[1]
+        found = next((Path(f) / name for f in places if (Path(f) / name).is_file()), None)
+        if found is not None:
+            groups[str(found.resolve())] = fields[1]
+        elif number > 1 or groups:  # a first line that names no image is the header
+            missing.append((number, fields[0]))
+        else:
+            header = fields[0]
     if missing:
         number, name = missing[0]
         more = f" ({len(missing) - 1} more are missing too)" if len(missing) > 1 else ""
-        raise ValueError(f"{path}, line {number}: image {name!r} not found in {' or '.join(map(str, folders))}{more}: filenames are relative to the folder evaluated")
+        raise ValueError(f"{path}, line {number}: image {name!r} not found in {' or '.join(places)}{more}: filenames are relative to the folder evaluated")
     if not groups:
-        raise ValueError(f"{path} names no image of {' or '.join(map(str, folders))}: it needs filename,group lines")
+        first = f" (its first line's {header!r} is not one either)" if header else ""
+        raise ValueError(f"{path} names no image{' of ' + ' or '.join(places) if places else ''}{first}: it needs filename,group lines, filenames relative to the folder evaluated")
     return groups
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from rich.console import Console
 
-from imgrec.calibration import MIN_IMAGES, before_and_after, fit_temperature
-from imgrec.card import MODEL_CARD
+from imgrec.calibration import MIN_IMAGES, before_and_after, fit_temperature, unfit_reason
+from imgrec.card import MODEL_CARD, ModelCard
 from imgrec.engine.evaluate import model_outputs
+from imgrec.utils import write_json
 
 
 def calibrate(run: str | os.PathLike, data: str | os.PathLike, *, write: bool = True, console: Console | None = None, **options: Any) -> dict[str, Any]:
@@ -23,24 +24,41 @@ def calibrate(run: str | os.PathLike, data: str | os.PathLike, *, write: bool = 
     dataset root whose ``val/`` or recorded split is used, as ``evaluate`` reads it) and, with
     ``write``, store it in ``run``'s model.json. Any temperature already stored is ignored: the fit
     starts from the raw logits. ``options`` are ``model_outputs``'s (labels, batch_size, workers,
-    device, precision, max_bad_fraction, loader). Returns the temperature, the images it was
+    device, precision, max_bad_fraction, loader, tta: fit with the test-time augmentation the model
+    will be used with; the card records it). The cards beside exported files are written again
+    with the temperature. Returns the temperature, the images it was
     fitted on, and the ECE (percent), NLL and Brier score before and after.
     """
     out = model_outputs(run, data, console=console, **options)
     if len(out.labels) < MIN_IMAGES:
-        raise ValueError(
-            f"{data}: {len(out.labels)} labelled images; a temperature fitted on fewer than {MIN_IMAGES} is noise. "
-            "Calibrate on a larger held-out set (the val split of a bigger dataset)"
-        )
+        raise ValueError(f"{data}: {unfit_reason(out.logits, out.labels, 1.0)}. Calibrate on a larger held-out set (the val split of a bigger dataset)")
     temperature = fit_temperature(out.logits, out.labels)
+    reason = unfit_reason(out.logits, out.labels, temperature)
+    if reason:
+        raise ValueError(f"{data}: {reason}. The model is left uncalibrated; calibrate on more held-out images, or harder ones")
     result = {"temperature": temperature, "data": str(data), **before_and_after(out.logits, out.labels, temperature)}
+    result["tta"] = options.get("tta")
     if write:
         card = out.card
         card.temperature = temperature
         card.calibration = {key: value for key, value in result.items() if key != "temperature"}
         card.write(run)
         result["card"] = str(Path(run) / MODEL_CARD)
+        result["exports"] = restamp_exports(run, card)
     return result
+
+
+def restamp_exports(run: str | os.PathLike, card: ModelCard) -> list[str]:
+    """The cards beside the files ``imgrec export`` wrote in ``run`` (FILE.json), written again with
+    the temperature, for those who serve an exported file without imgrec (the copy inside the
+    file keeps the card of its export: export again to renew it); the files they name."""
+    stamped = []
+    for sidecar in sorted(Path(run).glob("*.json")):
+        exported = sidecar.with_name(sidecar.name[: -len(".json")])
+        if exported.suffix in (".onnx", ".pt") and exported.is_file():
+            write_json(sidecar, card.to_dict())
+            stamped.append(str(exported))
+    return stamped
 
 
 __all__ = ["calibrate"]

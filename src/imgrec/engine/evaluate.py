@@ -271,6 +271,8 @@ def evaluate(
     probabilities, loss and calibration are the calibrated model's, top-1 is the same either way.
     A bar of the batches shows on ``console`` where it is a terminal.
     """
+    if groups is not None:
+        read_groups_file(groups)  # its form, before the long part
     out = model_outputs(
         run, data, labels=labels, batch_size=batch_size, workers=workers, device=device, precision=precision,
         max_bad_fraction=max_bad_fraction, loader=loader, tta=tta, console=console,

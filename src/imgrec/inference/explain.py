@@ -92,8 +92,14 @@ def _forward(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor
 def as_map(model: torch.nn.Module, activation: torch.Tensor) -> torch.Tensor:
     """``activation`` as [B, C, h, w]: a ViT's patch tokens on their grid, a feature map as it is."""
     if activation.ndim == 4:
+        channels = getattr(model, "num_features", None)
+        if channels is not None and activation.shape[-1] == channels and activation.shape[1] != channels:  # NHWC stages (Swin, MambaOut)
+            return activation.permute(0, 3, 1, 2)
         return activation
-    prefix, rows, columns = vit_grid(model, activation.shape[1])
+    grid = vit_grid(model, activation.shape[1]) if activation.ndim == 3 else None
+    if grid is None:
+        raise ValueError(f"{type(model).__name__} gives features of shape {tuple(activation.shape)}, not a map or ViT tokens on a grid: Grad-CAM cannot place them on the image")
+    prefix, rows, columns = grid
     return activation[:, prefix:].transpose(1, 2).reshape(activation.shape[0], activation.shape[2], rows, columns)
 
 
@@ -118,42 +124,52 @@ def png_bytes(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def explain(classifier: Any, images: list[torch.Tensor], class_name: str | None = None) -> list[dict[str, Any]]:
+def explain(classifier: Any, images: list[torch.Tensor], classes: str | list[str] | None = None, model: torch.nn.Module | None = None) -> list[dict[str, Any]]:
     """For each uint8 model-input image [3, H, W] (the classifier's eval transform applied): the
-    class explained (``class_name``, or the top one), its probability, and the overlay (HxWx3 uint8)."""
-    if class_name is not None and class_name not in classifier.classes:
-        raise ValueError(f"--class {class_name!r} is not one of the model's classes: {', '.join(classifier.classes[:20])}{' ...' if len(classifier.classes) > 20 else ''}")
-    model = classifier.model.to(classifier.device)  # the PyTorch model, fp32, whatever backend predicts
+    class explained (``classes``: one name for all images, a name per image, or None for each
+    image's top class), its probability, the heatmap and the overlay (HxWx3 uint8). ``model`` is
+    the PyTorch module to differentiate (default the classifier's; a server passes a copy of its
+    own, so that no hook sits on the module its batcher runs)."""
+    names = [classes] * len(images) if isinstance(classes, str) else classes
+    unknown = [name for name in names or [] if name not in classifier.classes]
+    if unknown:
+        raise ValueError(f"--class {unknown[0]!r} is not one of the model's classes: {', '.join(classifier.classes[:20])}{' ...' if len(classifier.classes) > 20 else ''}")
+    model = (model if model is not None else classifier.model).to(classifier.device)  # the PyTorch model, fp32, whatever backend predicts
     batch = torch.stack(images)
     inputs = classifier.normalize(batch.to(classifier.device)).float()
-    wanted = None if class_name is None else [classifier.classes.index(class_name)] * len(images)
+    wanted = None if names is None else [classifier.classes.index(name) for name in names]
     heatmaps, logits = gradcam(model, inputs, wanted)
     probs = classifier.probabilities(logits.cpu())
     chosen = logits.argmax(dim=1).tolist() if wanted is None else wanted
     return [
-        {"class": classifier.classes[c], "prob": float(probs[i, c]), "heatmap": heatmaps[i].cpu(), "overlay": overlay(batch[i], heatmaps[i])}
+        {"class": classifier.classes[c], "index": c, "prob": float(probs[i, c]), "heatmap": heatmaps[i].cpu(), "overlay": overlay(batch[i], heatmaps[i])}
         for i, c in enumerate(chosen)
     ]
 
 
-def explain_files(classifier: Any, paths: list[str | os.PathLike], out: str | os.PathLike, class_name: str | None = None, batch_size: int = 16) -> list[dict[str, Any]]:
-    """``explain`` for image files, writing OUT/<name>.png for each; unreadable files get an error row."""
+def explain_files(
+    classifier: Any, paths: list[str | os.PathLike], out: str | os.PathLike, classes: str | list[str] | None = None, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """``explain`` for image files (``classes``: one for all, one per path, or None), writing
+    OUT/<name>.png for each; unreadable files get an error row."""
     from imgrec.data.decode import BadImageError, load_sample
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    per_path = [classes] * len(paths) if classes is None or isinstance(classes, str) else list(classes)
     rows: list[dict[str, Any]] = []
     used: set[Path] = set()
     for start in range(0, len(paths), batch_size):
-        chunk, good = paths[start : start + batch_size], []
-        for path in chunk:
+        good = []
+        for path, name in zip(paths[start : start + batch_size], per_path[start : start + batch_size]):
             try:
-                good.append((path, load_sample(path, classifier.transform)))
+                good.append((path, name, load_sample(path, classifier.transform)))
             except BadImageError as exc:
                 rows.append({"source": str(path), "error": exc.reason})
         if not good:
             continue
-        for (path, _), row in zip(good, explain(classifier, [t for _, t in good], class_name)):
+        names = None if all(name is None for _, name, _ in good) else [name for _, name, _ in good]
+        for (path, _, _), row in zip(good, explain(classifier, [t for _, _, t in good], names)):
             target = _free_name(out, Path(path).stem, used)
             target.write_bytes(png_bytes(row["overlay"]))
             rows.append({"source": str(path), "class": row["class"], "prob": row["prob"], "heatmap": str(target)})

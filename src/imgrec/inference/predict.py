@@ -95,6 +95,7 @@ class Classifier:
         self.normalize = BatchNormalize.from_config(self.data_config, channels_last=True).to(self.device)
         self.transform = eval_transform(self.data_config, loader)
         self.backend_reason = ""  # why load() chose this backend
+        self.source: Path | None = None  # the model directory load() read, if any
         self.tta = check_tta(tta, None)  # the views whose logits are averaged (imgrec.data.tta); None: the image once
 
     def __repr__(self) -> str:
@@ -235,6 +236,7 @@ def load(
         chosen, reason = default_backend(precision, resolve_device(device)), f"{path} does not load ({type(exc).__name__}: {exc})"
         classifier = Classifier(model, card, device=device, precision=precision, loader=loader, backend=chosen, tta=tta)
     classifier.backend_reason = reason if backend else f"--precision {precision}"
+    classifier.source = Path(run)  # the model directory, for what must match its weights (a search index)
     return classifier
 
 

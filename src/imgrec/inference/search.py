@@ -46,9 +46,10 @@ def pooled_features(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tenso
 
 
 @torch.inference_mode()
-def embed(classifier: Any, images: list[torch.Tensor]) -> torch.Tensor:
-    """L2-normalised pooled features (float32 [B, D], CPU) of uint8 model-input images."""
-    model = classifier.model.to(classifier.device).eval()
+def embed(classifier: Any, images: list[torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+    """L2-normalised pooled features (float32 [B, D], CPU) of uint8 model-input images, by
+    ``model`` (default the classifier's PyTorch model)."""
+    model = (model if model is not None else classifier.model).to(classifier.device).eval()
     inputs = classifier.normalize(torch.stack(images).to(classifier.device)).float()
     return F.normalize(pooled_features(model, inputs), dim=1).cpu()
 
@@ -94,12 +95,20 @@ def build_index(run: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     out.mkdir(parents=True, exist_ok=True)
     save_file({"embeddings": features.half().contiguous()}, str(out / EMBEDDINGS_FILE))
     info = {
-        "run": str(Path(run).resolve()), "architecture": classifier.card.architecture, "root": str(root.resolve()),
+        "run": str(Path(run).resolve()), "architecture": classifier.card.architecture, "weights_sha256": weights_digest(run), "root": str(root.resolve()),
         "count": len(kept), "dim": int(features.shape[1]), "files": [p.relative_to(root).as_posix() for p in kept],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
     (out / INDEX_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return {**info, "skipped": skipped, "index": str(out)}
+
+
+def weights_digest(run: str | os.PathLike) -> str:
+    """The SHA-256 of a run's model.safetensors: which weights made an index's features."""
+    from imgrec.card import MODEL_WEIGHTS
+    from imgrec.utils import file_sha256
+
+    return file_sha256(Path(run) / MODEL_WEIGHTS)
 
 
 class Index:
@@ -120,9 +129,13 @@ class Index:
             raise ValueError(f"{folder}: {len(self.files)} files but {len(self.embeddings)} embeddings: the index is damaged; build it again")
 
     def check(self, classifier: Any) -> None:
-        """Refuse a model whose features are not the index's (another architecture or size)."""
+        """Refuse a model whose features are not the index's: another architecture, or other weights
+        (the weights' SHA-256, where the classifier was loaded from a run directory)."""
         if classifier.card.architecture != self.info["architecture"]:
             raise ValueError(f"{self.folder} was built with {self.info['architecture']}, not {classifier.card.architecture}: search with the run that built it")
+        source = getattr(classifier, "source", None)
+        if source is not None and self.info.get("weights_sha256") not in (None, weights_digest(source)):
+            raise ValueError(f"{self.folder} was built with other weights than {source}'s ({self.info['run']}): search with that run, or index again with this one")
 
     def nearest(self, queries: torch.Tensor, k: int = 10) -> list[list[tuple[str, float]]]:
         """For each normalised query row, the ``k`` most similar files and their cosine similarity, best first."""

@@ -11,8 +11,11 @@ the problem, and the server goes on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import functools
+import hmac
 import html
 import io
 import logging
@@ -20,6 +23,7 @@ import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -40,14 +44,15 @@ from imgrec.serve.metrics import Metrics, MetricsMiddleware
 from imgrec.serve.protocol import InferRequest, RequestError, bad, encode_infer_response, parse_infer_request, parse_top_k
 
 log = logging.getLogger("imgrec.serve")
-DRAIN_LIMIT = 1 << 30  # an over-size body is read and dropped up to this, so the client hears the 413
 
 
 class Server:
     """The state behind the routes: the classifier, its batcher, the metrics."""
 
-    def __init__(self, classifier: Classifier, config: ServeConfig, index: Index | None = None):
+    def __init__(self, classifier: Classifier, config: ServeConfig, index: Index | None = None, grpc: dict[str, Any] | None = None, authorised: Any = None):
         self.classifier, self.config, self.index = classifier, config, index
+        self.grpc_options, self.authorised = grpc, authorised
+        self.grpc_server, self.grpc_port = None, None
         self.size = classifier.card.img_size
         self.metrics = Metrics()
         self.batcher = DynamicBatcher(
@@ -55,7 +60,8 @@ class Server:
         )
         self.ready = False
         self.in_flight = 0  # images between decoding and their answer
-        self.explaining = threading.Lock()  # /explain: one backward pass at a time
+        self.explaining = threading.Lock()  # /explain and /search: one at a time, on a copy of the model of their own
+        self._analysis_model: torch.nn.Module | None = None
         self.page_html = resources.files("imgrec.serve").joinpath("page.html").read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(config.name))
 
     @contextlib.asynccontextmanager
@@ -63,13 +69,28 @@ class Server:
         await self.batcher.start()
         for batch in sorted({1, self.config.max_batch}):  # first calls allocate (and compile has both shapes to build): not a client's wait
             await self.batcher(torch.zeros(batch, 3, self.size, self.size, device=self.classifier.device))
+        if self.grpc_options is not None:
+            from imgrec.serve.grpc_service import start_grpc
+
+            options = self.grpc_options
+            self.grpc_server, self.grpc_port = start_grpc(self, asyncio.get_running_loop(), options.get("host", "127.0.0.1"), options["port"], self.authorised, options.get("tls"))
+            log.info("gRPC (Open Inference Protocol v2) on port %d", self.grpc_port)
         self.ready = True
         log.info("serving %s as %r with backend %s", self.classifier.card.architecture, self.config.name, self.classifier.backend)
         try:
             yield
         finally:
             self.ready = False
+            if self.grpc_server is not None:
+                self.grpc_server.stop(grace=2).wait()
             await self.batcher.stop()
+
+    def analysis_model(self) -> torch.nn.Module:
+        """A copy of the PyTorch model for /explain and /search (hold ``explaining``): their hooks and
+        backward passes never touch the module the batcher runs."""
+        if self._analysis_model is None:
+            self._analysis_model = copy.deepcopy(self.classifier.model).float().eval()
+        return self._analysis_model
 
     # -- inputs -------------------------------------------------------------------------------
     def check_resized_pixels(self, name: str, height: int, width: int) -> None:
@@ -123,19 +144,22 @@ class Server:
             return self.classifier.normalize(torch.stack(images).to(device)).float()
 
     async def read_body(self, request: Request) -> bytes:
-        """The request body, or a 413 once it passes the limit (the rest is read and dropped, so the client hears it)."""
+        """The request body, or a 413: at once where Content-Length declares more than the limit
+        (a client that sent ``Expect: 100-continue``, as curl does for large bodies, never sends
+        it), else as soon as the bytes read pass it; the rest is not read (the 413 closes the
+        connection)."""
         limit = self.config.max_body_bytes
         if request.headers.get("content-encoding", "identity") != "identity":
             raise bad("unsupported_encoding", f"Content-Encoding {request.headers['content-encoding']!r} is not accepted: send the body uncompressed", 415)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise bad("body_too_large", f"request body of {int(declared):,} bytes, over this server's limit of {limit:,} (imgrec serve --max-body-mb)", 413)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > DRAIN_LIMIT:
-                break
-        if size > limit:
-            raise bad("body_too_large", f"request body of {size:,} bytes, over this server's limit of {limit:,} (imgrec serve --max-body-mb)", 413)
+            if size > limit:
+                raise bad("body_too_large", f"request body of more than {limit:,} bytes (at least {size:,}), over this server's limit (imgrec serve --max-body-mb)", 413)
+            chunks.append(chunk)
         return b"".join(chunks)
 
     async def logits(self, request: InferRequest) -> torch.Tensor:
@@ -151,7 +175,11 @@ class Server:
             self.in_flight -= request.count
 
     def check_model(self, request: Request) -> None:
-        name, version = request.path_params["name"], request.path_params.get("version", "1")
+        self.check_name(request.path_params["name"], request.path_params.get("version", "1"))
+
+    def check_name(self, name: str, version: str) -> None:
+        """A 404 unless ``name`` and ``version`` (empty: the latest) are this server's model."""
+        version = version or "1"
         if name != self.config.name or version != "1":
             raise bad("unknown_model", f"no model {name!r} version {version!r} here: this server has {self.config.name!r} version '1'", 404)
 
@@ -173,8 +201,12 @@ class Server:
 
     async def model_metadata(self, request: Request) -> Response:
         self.check_model(request)
+        return JSONResponse(self.metadata())
+
+    def metadata(self) -> dict[str, Any]:
+        """The model's v2 metadata: inputs, outputs and what the server knows of its preprocessing (HTTP and gRPC)."""
         data, size, classes = self.classifier.card.data_config, self.size, len(self.classifier.classes)
-        return JSONResponse({
+        return {
             "name": self.config.name, "versions": ["1"], "platform": f"imgrec/{self.classifier.backend}",
             "inputs": [
                 {"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -192,7 +224,7 @@ class Server:
                 "max_batch": self.config.max_batch, "max_images": self.config.max_images, "max_pixels": self.config.max_pixels,
                 "max_body_bytes": self.config.max_body_bytes, "one_input": "send exactly one of the inputs; its datatype says which",
             },
-        })  # fmt: skip
+        }  # fmt: skip
 
     async def infer(self, request: Request) -> Response:
         self.check_model(request)
@@ -234,8 +266,8 @@ class Server:
 
     async def explain(self, request: Request) -> Response:
         """``curl -F file=@cat.jpg HOST/explain[?class=NAME]``: a PNG of the image as the model sees it
-        with the Grad-CAM heatmap of its top class (or NAME) over it; the class and its probability
-        in the X-Class and X-Probability headers. One at a time: a backward pass is a training step's cost."""
+        with the Grad-CAM heatmap of its top class (or NAME) over it; the class (percent-encoded),
+        its index and its probability in the X-Class, X-Class-Index and X-Probability headers. One at a time: a backward pass is a training step's cost."""
         from imgrec.inference.explain import explain, png_bytes
 
         name, data = await self.uploaded_image(request)
@@ -246,12 +278,13 @@ class Server:
         def work() -> tuple[bytes, dict[str, Any]]:
             image = self.decode(name, data)
             with self.explaining:
-                row = explain(self.classifier, [image], wanted)[0]
+                row = explain(self.classifier, [image], wanted, model=self.analysis_model())[0]
             return png_bytes(row["overlay"]), row
 
         self.metrics.images.inc()
         png, row = await run_in_threadpool(work)
-        return Response(png, media_type="image/png", headers={"X-Class": row["class"], "X-Probability": f"{row['prob']:.6f}"})
+        headers = {"X-Class": quote(row["class"]), "X-Class-Index": str(row["index"]), "X-Probability": f"{row['prob']:.6f}"}  # headers are latin-1: the name percent-encoded
+        return Response(png, media_type="image/png", headers=headers)
 
     async def search(self, request: Request) -> Response:
         """``curl -F file=@cat.jpg HOST/search?k=10``: the indexed images most like the one sent, with their cosine similarity."""
@@ -263,7 +296,10 @@ class Server:
         name, data = await self.uploaded_image(request)
 
         def work() -> list[tuple[str, float]]:
-            return self.index.nearest(embed(self.classifier, [self.decode(name, data)]), count)[0]
+            image = self.decode(name, data)
+            with self.explaining:
+                query = embed(self.classifier, [image], model=self.analysis_model())
+            return self.index.nearest(query, count)[0]
 
         self.metrics.images.inc()
         neighbours = await run_in_threadpool(work)
@@ -342,20 +378,49 @@ def server_routes(server: Server) -> list[Route]:
     return routes
 
 
-def create_app(classifier: Classifier, config: ServeConfig | None = None, index: Index | None = None) -> Starlette:
+OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready"})  # no key needed: the page and the health checks
+
+
+def key_checker(api_keys: list[str] | None):
+    """A check of an Authorization header's value (HTTP's, or gRPC's ``authorization`` metadata)
+    that raises a 401 unless it is ``Bearer KEY`` with one of ``api_keys`` (compared in constant
+    time); None where no key is set."""
+    keys = [key.encode() for key in api_keys or [] if key]
+    if not keys:
+        return None
+
+    def check(authorization: str) -> None:
+        scheme, _, token = authorization.partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, key) for key in keys]):  # every key compared: no early exit
+            raise RequestError(401, "unauthorized", "this server needs an API key: send the header Authorization: Bearer KEY")
+
+    return check
+
+
+def create_app(
+    classifier: Classifier, config: ServeConfig | None = None, index: Index | None = None, api_keys: list[str] | None = None,
+    grpc: dict[str, Any] | None = None,
+) -> Starlette:  # fmt: skip
     """The ASGI application serving ``classifier`` (run it with uvicorn, or ``serve``); with
-    ``index`` (``imgrec.inference.search.Index``), ``/search`` answers from it."""
+    ``index`` (``imgrec.inference.search.Index``), ``/search`` answers from it; with ``api_keys``,
+    every route but the page and the health checks needs one of them as a bearer token; with
+    ``grpc`` ({"host", "port", "tls": (key, cert) or None}), the v2 protocol over gRPC starts with
+    the app (``imgrec.serve.grpc_service``; its port in ``app.state.server.grpc_port``)."""
     if index is not None:
         index.check(classifier)
-    server = Server(classifier, config or ServeConfig(), index)
+    authorised = key_checker(api_keys)
+    server = Server(classifier, config or ServeConfig(), index, grpc=grpc, authorised=authorised)
 
     def guarded(endpoint):
-        """``endpoint`` answering an unexpected exception with a JSON 500, logged, keeping the connection
+        """``endpoint`` behind the key check, answering an unexpected exception with a JSON 500, logged, keeping the connection
         (Starlette's last-resort handler re-raises, and uvicorn then drops the connection)."""
 
         @functools.wraps(endpoint)
         async def call(request: Request) -> Response:
             try:
+                if authorised is not None and request.url.path not in OPEN_PATHS:
+                    authorised(request.headers.get("authorization", ""))
                 return await endpoint(request)
             except (RequestError, HTTPException, ClientDisconnect):
                 raise
@@ -370,7 +435,9 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None, index:
 
     async def request_error(request: Request, exc: RequestError) -> Response:
         server.metrics.errors.labels(exc.kind).inc()
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": 'Bearer realm="imgrec"'}}.get(exc.status)
+        if exc.kind == "body_too_large":
+            headers = {"Connection": "close"}  # the body's rest is not read
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -393,15 +460,22 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None, index:
 
 def serve(
     run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", backend: str = "auto", config: ServeConfig | None = None,
-    access_log: bool = False, tta: str | None = None, index: str | Path | None = None,
+    access_log: bool = False, tta: str | None = None, index: str | Path | None = None, api_keys: list[str] | None = None,
+    ssl_keyfile: str | None = None, ssl_certfile: str | None = None, grpc_port: int | None = None,
 ) -> None:  # fmt: skip
-    """Load the model directory ``run`` and serve it until interrupted (``tta``: test-time augmentation, ``imgrec.data.tta``)."""
+    """Load the model directory ``run`` and serve it until interrupted (``tta``: test-time
+    augmentation, ``imgrec.data.tta``; ``api_keys``: see ``create_app``; ``ssl_keyfile`` and
+    ``ssl_certfile``: HTTPS through uvicorn, and TLS on gRPC; ``grpc_port``: the v2 protocol over gRPC there too)."""
     import uvicorn
 
     classifier = load(run, device=device, backend=backend, tta=tta)
     print(f"imgrec serve: {run} as model {(config or ServeConfig()).name!r}, backend {classifier.backend} ({classifier.backend_reason})", flush=True)
     found = Index(index) if index is not None else None
-    uvicorn.run(create_app(classifier, config, found), host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30)
+    uvicorn.run(
+        create_app(classifier, config, found, api_keys, grpc={"host": host, "port": grpc_port, "tls": (ssl_keyfile, ssl_certfile) if ssl_keyfile else None} if grpc_port is not None else None),
+        host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30,
+        ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
+    )  # fmt: skip
 
 
 __all__ = ["ServeConfig", "Server", "create_app", "serve"]

@@ -70,6 +70,12 @@ def bad(kind: str, message: str, status: int = 400) -> RequestError:
 def parse_infer_request(body: bytes, header_length: str | None, *, image_size: int, max_images: int) -> InferRequest:
     """An ``InferRequest`` from an HTTP body (JSON, or JSON + binary tensors)."""
     request, binary = split_body(body, header_length)
+    return infer_request_from(request, binary, image_size=image_size, max_images=max_images)
+
+
+def infer_request_from(request: dict[str, Any], binary: memoryview, *, image_size: int, max_images: int) -> InferRequest:
+    """An ``InferRequest`` from the v2 request as JSON (a dict) and the binary data after it: what
+    HTTP bodies and gRPC messages (their raw contents as binary data) both come to."""
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         count = len(inputs) if isinstance(inputs, list) else 0
@@ -252,4 +258,4 @@ def encode_infer_response(
     return header + b"".join(blobs), {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
 
 
-__all__ = ["DEFAULT_OUTPUTS", "InferRequest", "OUTPUTS", "RequestError", "encode_infer_response", "parse_infer_request"]
+__all__ = ["DEFAULT_OUTPUTS", "InferRequest", "OUTPUTS", "RequestError", "encode_infer_response", "infer_request_from", "join_bytes", "parse_infer_request"]

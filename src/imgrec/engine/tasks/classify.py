@@ -19,8 +19,7 @@ import torch
 from rich.console import Console
 
 from imgrec import distributed
-from imgrec.calibration import MIN_IMAGES as MIN_CALIBRATION_IMAGES
-from imgrec.calibration import before_and_after, fit_temperature
+from imgrec.calibration import before_and_after, fit_temperature, unfit_reason
 from imgrec.card import MODEL_WEIGHTS, ModelCard
 from imgrec.config import TrainConfig
 from imgrec.data.cache import BatchedRandomResizedCrop, CachedEvalLoader, CachedTrainLoader, ImageCache, cache_plan, cache_side
@@ -278,13 +277,15 @@ class ClassifyTask(Task):
         from safetensors.torch import load_file
 
         run = self.run
+        distributed.barrier()  # rank 0's model directory is on disk before any rank reads it
         saved = copy.deepcopy(self.saved)
         saved.load_state_dict(load_file(str(run.out / MODEL_WEIGHTS), device=str(run.device)))  # the best epoch's weights, as the model directory holds them
         logits, labels = collect_logits(saved, self.val_loader, device=run.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[run.precision])
         logits, labels = distributed.gather_rows(logits.to(run.device)).cpu(), distributed.gather_rows(labels.to(run.device)).cpu()
-        if len(labels) < MIN_CALIBRATION_IMAGES:
-            return f"--calibrate: {len(labels)} validation images are too few to fit a temperature (at least {MIN_CALIBRATION_IMAGES}); the model is left uncalibrated"
-        temperature = fit_temperature(logits, labels)
+        temperature = fit_temperature(logits, labels) if len(labels) else 1.0
+        reason = unfit_reason(logits, labels, temperature)
+        if reason:
+            return f"--calibrate: {reason} in the validation split; the model is left uncalibrated"
         report = before_and_after(logits, labels, temperature)
         if distributed.is_main():
             card = ModelCard.read(run.out)
