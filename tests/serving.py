@@ -34,14 +34,17 @@ def train_tiny_run(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(classifier, config=None, *, api_keys=None, ssl: tuple[str, str] | None = None, grpc: bool = False) -> Iterator[tuple[str, object]]:
+def running_server(
+    classifier, config=None, *, api_keys=None, ssl: tuple[str, str] | None = None, grpc: bool = False, **app_options
+) -> Iterator[tuple[str, object]]:
     """A real uvicorn server on a free port in a thread: (base URL, the app's Server); ``ssl`` = (key
-    file, certificate file); ``grpc``: gRPC too, on a free port (the Server's ``grpc_port``)."""
+    file, certificate file); ``grpc``: gRPC too, on a free port (the Server's ``grpc_port``);
+    ``app_options``: create_app's others (repository, failed, loader)."""
     import uvicorn
 
     from imgrec.serve import create_app
 
-    app = create_app(classifier, config, api_keys=api_keys, grpc={"host": "127.0.0.1", "port": 0} if grpc else None)
+    app = create_app(classifier, config, api_keys=api_keys, grpc={"host": "127.0.0.1", "port": 0} if grpc else None, **app_options)
     tls = {"ssl_keyfile": ssl[0], "ssl_certfile": ssl[1]} if ssl else {}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on", **tls))
     thread = threading.Thread(target=server.run, name="imgrec-test-server", daemon=True)

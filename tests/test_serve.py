@@ -524,7 +524,7 @@ def test_an_internal_error_is_a_json_500_and_the_connection_stays_usable(served,
     import http.client
     from urllib.parse import urlsplit
 
-    monkeypatch.setattr(served[1], "output_tensors", broken)
+    monkeypatch.setattr(served[1].model(), "output_tensors", broken)
     body = json.dumps(bytes_request([good_jpeg(val_files)]))
     connection = http.client.HTTPConnection(urlsplit(served[0]).netloc, timeout=30)  # one socket, never reopened by itself
     connection.request("POST", INFER, body=body, headers={"Content-Type": "application/json"})
@@ -795,13 +795,13 @@ def test_overload_is_a_503_with_retry_after(classifier, val_files):
     with running_server(classifier, ServeConfig(name=MODEL, max_queue=2)) as (base_url, server):
         with httpx.Client(base_url=base_url, timeout=30) as http:
             assert http.post(INFER, json=bytes_request([good_jpeg(val_files)] * 2)).status_code == 200  # at the limit
-            server.in_flight = 1  # as if another request were being classified
+            server.model().in_flight = 1  # as if another request were being classified
             response = http.post(INFER, json=bytes_request([good_jpeg(val_files)] * 2))
             assert response.status_code == 503 and response.headers["retry-after"] == "1"
             assert response.json()["kind"] == "overloaded" and "--max-queue" in response.json()["error"]
-            server.in_flight = 0
+            server.model().in_flight = 0
             assert http.post(INFER, json=bytes_request([good_jpeg(val_files)])).status_code == 200
-            assert server.in_flight == 0  # every request gave its images back
+            assert server.model().in_flight == 0  # every request gave its images back
 
 
 def test_server_batches_concurrent_requests(batching_server, classifier, val_files):
@@ -839,12 +839,13 @@ def test_prepare_puts_images_on_the_classifiers_device(tiny_run, val_files):
     from imgrec.inference.predict import Classifier
     from imgrec.models.directory import load_model_dir
     from imgrec.serve import ServeConfig
-    from imgrec.serve.app import Server
+    from imgrec.serve.metrics import Metrics
+    from imgrec.serve.model import ServedModel
     from imgrec.serve.protocol import InferRequest
 
     model, card = load_model_dir(tiny_run[0])
     on_device = Classifier(model, card, device="meta", backend="eager")
-    server = Server(on_device, ServeConfig())
+    server = ServedModel("m", on_device, ServeConfig(), Metrics())
     try:
         batch = server.prepare(InferRequest("BYTES", images=[val_files[0].read_bytes()]))
     finally:
@@ -976,9 +977,10 @@ def test_an_over_size_body_is_not_read_to_its_end(classifier, declared):
 
     from imgrec.serve import ServeConfig
     from imgrec.serve.app import Server
+    from imgrec.serve.metrics import Metrics
     from imgrec.serve.protocol import RequestError
 
-    server = Server(classifier, ServeConfig(max_body_bytes=MAX_BODY))
+    server = Server({}, ServeConfig(max_body_bytes=MAX_BODY), Metrics())
     chunk, total = 16 * 1024, 1 << 30
     pulled = []
 

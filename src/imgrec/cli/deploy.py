@@ -98,8 +98,8 @@ def add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("serve", help="serve a model directory over HTTP: Open Inference Protocol v2, POST /predict, a page at /, /metrics")
-    p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
+    p = commands.add_parser("serve", help="serve model directories over HTTP (and gRPC): Open Inference Protocol v2, POST /predict, a page at /, /metrics")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="model directories (imgrec train --out), each served under its folder's name or as NAME=RUN; the first is /predict's and the page's")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=bounded(int, "[0, 65535]"), default=8000)
     p.add_argument("--grpc-port", type=bounded(int, "[0, 65535]"), default=None, help="also serve the Open Inference Protocol v2 over gRPC on this port (tritonclient.grpc works with it), e.g. 8001")
@@ -306,6 +306,7 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     from imgrec.serve import serve
+    from imgrec.serve.app import model_names
 
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together: HTTPS needs the key and its certificate")
@@ -313,10 +314,12 @@ def run_serve(args: argparse.Namespace) -> int:
         if path and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
     values = {name: value for name, value in vars(args).items() if name in ServeConfig.__dataclass_fields__ and value is not None}
-    values["name"] = args.name or Path(args.run).resolve().name
+    if args.name and len(args.runs) > 1:
+        raise ValueError("--name names the one model served; with several, name each as NAME=RUN")
+    values["name"] = args.name or next(iter(model_names(args.runs)))
     if args.max_body_mb is not None:
         values["max_body_bytes"] = int(args.max_body_mb * 2**20)
-    serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend, config=ServeConfig(**values), access_log=args.access_log, tta=args.tta,
+    serve(args.runs, host=args.host, port=args.port, device=args.device, backend=args.backend, config=ServeConfig(**values), access_log=args.access_log, tta=args.tta,
           index=args.index, api_keys=api_keys(args), ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, grpc_port=args.grpc_port)  # fmt: skip
     return 0
 

@@ -1,33 +1,30 @@
-"""``imgrec serve RUN``: the model directory behind HTTP (Starlette on uvicorn).
+"""``imgrec serve RUN [RUN ...]``: model directories behind HTTP (Starlette on uvicorn).
 
 Routes: the Open Inference Protocol v2 (``/v2``, ``/v2/health/live|ready``,
-``/v2/models/{name}[/versions/1]``, ``.../ready``, ``.../infer``; see ``imgrec.serve.protocol``),
-``POST /predict`` (a multipart upload in field ``file``, or a raw image body: top-k JSON, for
-curl), ``GET /`` (a page to drop an image on and see the top-5 as bars) and ``GET /metrics``
-(Prometheus). Images are decoded and cropped on worker threads; the network runs in dynamic
-batches (``imgrec.serve.batcher``). Every bad request is answered with a 4xx JSON error naming
-the problem, and the server goes on.
+``/v2/models/{name}[/versions/1]``, ``.../ready``, ``.../infer``; see ``imgrec.serve.protocol``)
+with its model repository extension (``POST /v2/repository/index``,
+``/v2/repository/models/{name}/load|unload``), ``POST /predict``, ``/explain`` and ``/search``
+(a multipart upload in field ``file``, or a raw image body; ``?model=NAME``, else the first
+model), ``GET /`` (a page to drop an image on and see the top-5 as bars) and ``GET /metrics``
+(Prometheus). Each model (``imgrec.serve.model.ServedModel``) decodes and crops on worker threads
+and runs the network in dynamic batches of its own (``imgrec.serve.batcher``). Every bad request
+is answered with a 4xx JSON error naming the problem, and the server goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import functools
 import hmac
 import html
-import io
 import logging
-import threading
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import numpy as np
-import torch
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -36,39 +33,38 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from imgrec.config import ServeConfig
-from imgrec.data.decode import BadImageError, EncodedImage, TooManyPixelsError, load_sample
 from imgrec.inference.predict import Classifier, load
 from imgrec.inference.search import Index
-from imgrec.serve.batcher import DynamicBatcher
 from imgrec.serve.metrics import Metrics, MetricsMiddleware
+from imgrec.serve.model import ServedModel
 from imgrec.serve.protocol import InferRequest, RequestError, bad, encode_infer_response, parse_infer_request, parse_top_k
 
 log = logging.getLogger("imgrec.serve")
 
 
 class Server:
-    """The state behind the routes: the classifier, its batcher, the metrics."""
+    """The state behind the routes: the models served (each a ``ServedModel``), the metrics, the
+    repository of model directories that ``/v2/repository/models/NAME/load`` may (re)load."""
 
-    def __init__(self, classifier: Classifier, config: ServeConfig, index: Index | None = None, grpc: dict[str, Any] | None = None, authorised: Any = None):
-        self.classifier, self.config, self.index = classifier, config, index
+    def __init__(
+        self, models: dict[str, ServedModel], config: ServeConfig, metrics: Metrics, *, repository: dict[str, Path] | None = None,
+        failed: dict[str, str] | None = None, loader: Any = None, grpc: dict[str, Any] | None = None, authorised: Any = None,
+    ):  # fmt: skip
+        self.models, self.config, self.metrics = dict(models), config, metrics
+        self.repository = dict(repository or {})  # name -> model directory: what load and unload may name
+        self.failed = dict(failed or {})  # name -> why it does not serve (failed to load, or unloaded)
+        self.loader = loader  # model directory -> Classifier, for load
+        self.default = next(iter(models), None)  # the model of /predict, /explain, /search and the page without ?model=
         self.grpc_options, self.authorised = grpc, authorised
         self.grpc_server, self.grpc_port = None, None
-        self.size = classifier.card.img_size
-        self.metrics = Metrics()
-        self.batcher = DynamicBatcher(
-            classifier.forward, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000, on_batch=self.metrics.observe_batch
-        )
         self.ready = False
-        self.in_flight = 0  # images between decoding and their answer
-        self.explaining = threading.Lock()  # /explain and /search: one at a time, on a copy of the model of their own
-        self._analysis_model: torch.nn.Module | None = None
-        self.page_html = resources.files("imgrec.serve").joinpath("page.html").read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(config.name))
+        self.changing = asyncio.Lock()  # one load or unload at a time
+        self.page_html = resources.files("imgrec.serve").joinpath("page.html").read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(self.default or config.name))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
-        await self.batcher.start()
-        for batch in sorted({1, self.config.max_batch}):  # first calls allocate (and compile has both shapes to build): not a client's wait
-            await self.batcher(torch.zeros(batch, 3, self.size, self.size, device=self.classifier.device))
+        for served in self.models.values():
+            await served.start()
         if self.grpc_options is not None:
             from imgrec.serve.grpc_service import start_grpc
 
@@ -76,72 +72,24 @@ class Server:
             self.grpc_server, self.grpc_port = start_grpc(self, asyncio.get_running_loop(), options.get("host", "127.0.0.1"), options["port"], self.authorised, options.get("tls"))
             log.info("gRPC (Open Inference Protocol v2) on port %d", self.grpc_port)
         self.ready = True
-        log.info("serving %s as %r with backend %s", self.classifier.card.architecture, self.config.name, self.classifier.backend)
         try:
             yield
         finally:
             self.ready = False
             if self.grpc_server is not None:
                 self.grpc_server.stop(grace=2).wait()
-            await self.batcher.stop()
+            for served in list(self.models.values()):
+                await served.stop()
 
-    def analysis_model(self) -> torch.nn.Module:
-        """A copy of the PyTorch model for /explain and /search (hold ``explaining``): their hooks and
-        backward passes never touch the module the batcher runs."""
-        if self._analysis_model is None:
-            self._analysis_model = copy.deepcopy(self.classifier.model).float().eval()
-        return self._analysis_model
-
-    # -- inputs -------------------------------------------------------------------------------
-    def check_resized_pixels(self, name: str, height: int, width: int) -> None:
-        """Refuse an image whose eval resize (shorter side to img_size / crop_pct) would exceed the pixel limit:
-        a 1 x 1,000,000 strip has few pixels but would be resized to hundreds of millions."""
-        short, long = sorted((max(1, height), max(1, width)))
-        side = self.size / float(self.classifier.card.data_config.crop_pct)
-        resized = side * side * long / short
-        if resized > self.config.max_pixels:
-            raise bad(
-                "too_many_pixels",
-                f"{name}: {width}x{height} would be resized to {resized:,.0f} pixels, over this server's limit of "
-                f"{self.config.max_pixels:,}: crop it nearer to square",
-                413,
-            )
-
-    def decode(self, name: str, data: bytes) -> torch.Tensor:
-        try:
-            with Image.open(io.BytesIO(data)) as header:  # reads the header only
-                width, height = header.size
-        except Exception:  # not an image: load_sample says why
-            pass
-        else:
-            self.check_resized_pixels(name, height, width)
-        try:
-            return load_sample(EncodedImage(name, data), self.classifier.transform, self.config.max_pixels)
-        except TooManyPixelsError as exc:
-            raise bad("too_many_pixels", f"{name}: {exc.reason} (this server's limit: {self.config.max_pixels:,} pixels)", 413) from None
-        except BadImageError as exc:
-            raise bad("bad_image", f"{name}: {exc.reason}") from None
-
-    def prepare(self, request: InferRequest) -> torch.Tensor:
-        """The normalised float batch of a parsed request (runs on a worker thread)."""
-        device = self.classifier.device
-        if request.datatype == "FP32":
-            return torch.from_numpy(request.array.copy()).to(device)
-        if request.datatype == "BYTES":
-            names = request.names or [f"input[{i}]" for i in range(len(request.images))]
-            images = [self.decode(name, data) for name, data in zip(names, request.images)]
-        else:
-            pixels = request.array.shape[2] * request.array.shape[3]
-            if pixels > self.config.max_pixels:
-                raise bad("too_many_pixels", f"UINT8 images of {pixels:,} pixels, over this server's limit of {self.config.max_pixels:,}", 413)
-            self.check_resized_pixels("input", *request.array.shape[2:])
-            pixels_in = torch.from_numpy(np.array(request.array))  # a writable copy: the request's buffer is read-only
-            images = [self.classifier._prepare(f"input[{i}]", image) for i, image in enumerate(pixels_in)]
-            failed = next((p for p in images if not isinstance(p, torch.Tensor)), None)
-            if failed is not None:
-                raise bad("bad_image", f"{failed.source}: {failed.error}")
-        with torch.inference_mode():  # uint8 travels to the GPU, a quarter of float's bytes
-            return self.classifier.normalize(torch.stack(images).to(device)).float()
+    def model(self, name: str | None = None, version: str = "") -> ServedModel:
+        """The model served as ``name`` (None: the default) at ``version`` ("" or "1"), or a 404 saying what there is."""
+        name = self.default if name is None else name
+        version = version or "1"
+        if name in self.models and version == "1":
+            return self.models[name]
+        here = ", ".join(repr(n) for n in self.models) or "none"
+        why = f" ({self.failed[name]})" if name in self.failed else ""
+        raise bad("unknown_model", f"no model {name!r} version {version!r} here{why}: this server has {here}, version '1'", 404)
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, or a 413: at once where Content-Length declares more than the limit
@@ -162,26 +110,8 @@ class Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def logits(self, request: InferRequest) -> torch.Tensor:
-        if self.in_flight + request.count > self.config.max_queue:
-            raise RequestError(503, "overloaded", f"{self.in_flight} images are being classified, the most this server queues is "
-                               f"{self.config.max_queue} (--max-queue): retry in a moment")  # fmt: skip
-        self.in_flight += request.count
-        try:
-            inputs = await run_in_threadpool(self.prepare, request)
-            self.metrics.images.inc(len(inputs))
-            return await self.batcher(inputs)
-        finally:
-            self.in_flight -= request.count
-
-    def check_model(self, request: Request) -> None:
-        self.check_name(request.path_params["name"], request.path_params.get("version", "1"))
-
-    def check_name(self, name: str, version: str) -> None:
-        """A 404 unless ``name`` and ``version`` (empty: the latest) are this server's model."""
-        version = version or "1"
-        if name != self.config.name or version != "1":
-            raise bad("unknown_model", f"no model {name!r} version {version!r} here: this server has {self.config.name!r} version '1'", 404)
+    def path_model(self, request: Request) -> ServedModel:
+        return self.model(request.path_params["name"], request.path_params.get("version", "1"))
 
     # -- routes -------------------------------------------------------------------------------
     async def server_metadata(self, request: Request) -> Response:
@@ -196,89 +126,51 @@ class Server:
         return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def model_ready(self, request: Request) -> Response:
-        self.check_model(request)
-        return JSONResponse({"name": self.config.name, "ready": self.ready}, status_code=200 if self.ready else 503)
+        served = self.path_model(request)
+        return JSONResponse({"name": served.name, "ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def model_metadata(self, request: Request) -> Response:
-        self.check_model(request)
-        return JSONResponse(self.metadata())
-
-    def metadata(self) -> dict[str, Any]:
-        """The model's v2 metadata: inputs, outputs and what the server knows of its preprocessing (HTTP and gRPC)."""
-        data, size, classes = self.classifier.card.data_config, self.size, len(self.classifier.classes)
-        return {
-            "name": self.config.name, "versions": ["1"], "platform": f"imgrec/{self.classifier.backend}",
-            "inputs": [
-                {"name": "image", "datatype": "BYTES", "shape": [-1]},
-                {"name": "pixels", "datatype": "UINT8", "shape": [-1, 3, -1, -1]},
-                {"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]},
-            ],
-            "outputs": [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]}, {"name": "indices", "datatype": "INT64", "shape": [-1, -1]},
-                {"name": "classes", "datatype": "BYTES", "shape": [-1, -1]}, {"name": "names", "datatype": "BYTES", "shape": [-1, -1]},
-                {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
-            ],
-            "parameters": {
-                "architecture": self.classifier.card.architecture, "classes": self.classifier.classes, "img_size": size, "crop_pct": data.crop_pct,
-                "mean": list(data.mean), "std": list(data.std), "interpolation": data.interpolation, "top_k": 5,
-                "max_batch": self.config.max_batch, "max_images": self.config.max_images, "max_pixels": self.config.max_pixels,
-                "max_body_bytes": self.config.max_body_bytes, "one_input": "send exactly one of the inputs; its datatype says which",
-            },
-        }  # fmt: skip
+        return JSONResponse(self.path_model(request).metadata())
 
     async def infer(self, request: Request) -> Response:
-        self.check_model(request)
+        served = self.path_model(request)
         body = await self.read_body(request)
         parsed = await run_in_threadpool(  # a large JSON body takes a while: not on the event loop
-            parse_infer_request, body, request.headers.get("inference-header-content-length"), image_size=self.size, max_images=self.config.max_images
+            parse_infer_request, body, request.headers.get("inference-header-content-length"), image_size=served.size, max_images=self.config.max_images
         )
-        logits = await self.logits(parsed)
-        content, headers = await run_in_threadpool(lambda: encode_infer_response(self.config.name, parsed, self.output_tensors(logits, parsed)))
+        logits = await served.logits(parsed)
+        content, headers = await run_in_threadpool(lambda: encode_infer_response(served.name, parsed, served.output_tensors(logits, parsed)))
         return Response(content, headers=headers)
 
-    def output_tensors(self, logits: torch.Tensor, request: InferRequest) -> dict[str, tuple[str, Any, list[int]]]:
-        classes, n = self.classifier.classes, len(logits)
-        rows = self.classifier.rank(logits, request.top_k, [""] * n)
-        k = len(rows[0].labels)
-        tensors: dict[str, tuple[str, Any, list[int]]] = {
-            "probabilities": ("FP32", np.array([r.probs for r in rows], dtype=np.float32), [n, k]),
-            "indices": ("INT64", np.array([r.indices for r in rows], dtype=np.int64), [n, k]),
-            "classes": ("BYTES", [c.encode() for r in rows for c in r.labels], [n, k]),
-            "names": ("BYTES", [c.encode() for r in rows for c in (r.names or r.labels)], [n, k]),
-            "logits": ("FP32", logits.numpy().astype(np.float32), [n, len(classes)]),
-        }
-        for output in request.outputs:  # Triton's classification extension: "value:index:label" strings
-            count = (output.get("parameters") or {}).get("classification")
-            if count:
-                source = logits if output["name"] == "logits" else self.classifier.probabilities(logits)
-                top_values, top_indices = source.topk(min(count, len(classes)), dim=1)
-                strings = [f"{v:f}:{i}:{classes[i]}".encode() for v, i in zip(top_values.flatten().tolist(), top_indices.flatten().tolist())]
-                tensors[output["name"]] = ("BYTES", strings, [n, top_values.shape[1]])
-        return tensors
+    def query_model(self, request: Request) -> ServedModel:
+        """The model ``?model=NAME`` names (/predict, /explain, /search), or the default one."""
+        return self.model(request.query_params.get("model"))
 
     async def predict(self, request: Request) -> Response:
-        """``curl -F file=@cat.jpg HOST/predict`` (or the image as the raw body): the top-k classes as JSON."""
+        """``curl -F file=@cat.jpg HOST/predict[?model=NAME]`` (or the image as the raw body): the top-k classes as JSON."""
+        served = self.query_model(request)
         k = count_parameter(request, "topk", "5")
         name, data = await self.uploaded_image(request)
-        logits = await self.logits(InferRequest("BYTES", images=[data], names=[name], top_k=k))
-        ranked = self.classifier.rank(logits, k, [name])[0].to_dict()
-        return JSONResponse({"model": self.config.name, "backend": self.classifier.backend, "top": ranked["top"]})
+        logits = await served.logits(InferRequest("BYTES", images=[data], names=[name], top_k=k))
+        ranked = served.classifier.rank(logits, k, [name])[0].to_dict()
+        return JSONResponse({"model": served.name, "backend": served.classifier.backend, "top": ranked["top"]})
 
     async def explain(self, request: Request) -> Response:
-        """``curl -F file=@cat.jpg HOST/explain[?class=NAME]``: a PNG of the image as the model sees it
+        """``curl -F file=@cat.jpg HOST/explain[?class=NAME][&model=NAME]``: a PNG of the image as the model sees it
         with the Grad-CAM heatmap of its top class (or NAME) over it; the class (percent-encoded),
         its index and its probability in the X-Class, X-Class-Index and X-Probability headers. One at a time: a backward pass is a training step's cost."""
         from imgrec.inference.explain import explain, png_bytes
 
+        served = self.query_model(request)
         name, data = await self.uploaded_image(request)
         wanted = request.query_params.get("class")
-        if wanted is not None and wanted not in self.classifier.classes:
+        if wanted is not None and wanted not in served.classifier.classes:
             raise bad("bad_request", f"query parameter class must be one of the model's classes, got {wanted[:40]!r}")
 
         def work() -> tuple[bytes, dict[str, Any]]:
-            image = self.decode(name, data)
-            with self.explaining:
-                row = explain(self.classifier, [image], wanted, model=self.analysis_model())[0]
+            image = served.decode(name, data)
+            with served.explaining:
+                row = explain(served.classifier, [image], wanted, model=served.analysis_model())[0]
             return png_bytes(row["overlay"]), row
 
         self.metrics.images.inc()
@@ -290,20 +182,69 @@ class Server:
         """``curl -F file=@cat.jpg HOST/search?k=10``: the indexed images most like the one sent, with their cosine similarity."""
         from imgrec.inference.search import embed
 
-        if self.index is None:
-            raise bad("no_index", "this server has no index: start it with --index DIR (made by imgrec index RUN --data DIR)", 404)
+        served = self.query_model(request)
+        if served.index is None:
+            raise bad("no_index", f"model {served.name!r} has no index here: start the server with --index DIR (made by imgrec index RUN --data DIR)", 404)
         count = count_parameter(request, "k", "10")
         name, data = await self.uploaded_image(request)
 
         def work() -> list[tuple[str, float]]:
-            image = self.decode(name, data)
-            with self.explaining:
-                query = embed(self.classifier, [image], model=self.analysis_model())
-            return self.index.nearest(query, count)[0]
+            image = served.decode(name, data)
+            with served.explaining:
+                query = embed(served.classifier, [image], model=served.analysis_model())
+            return served.index.nearest(query, count)[0]
 
         self.metrics.images.inc()
         neighbours = await run_in_threadpool(work)
-        return JSONResponse({"model": self.config.name, "neighbours": [{"file": f, "similarity": s} for f, s in neighbours]})
+        return JSONResponse({"model": served.name, "neighbours": [{"file": f, "similarity": s} for f, s in neighbours]})
+
+    # -- the model repository extension ----------------------------------------------------------
+    async def repository_index(self, request: Request) -> Response:
+        """``POST /v2/repository/index``: every model this server knows, with its state."""
+        names = list(dict.fromkeys([*self.repository, *self.models, *self.failed]))
+        rows = []
+        for name in names:
+            row = {"name": name, "version": "1", "state": "READY" if name in self.models else "UNAVAILABLE"}
+            if name in self.failed and name not in self.models:
+                row["reason"] = self.failed[name]
+            rows.append(row)
+        return JSONResponse(rows)
+
+    async def repository_load(self, request: Request) -> Response:
+        """``POST /v2/repository/models/NAME/load``: (re)load NAME from its model directory; the
+        model it replaces serves until the new one is ready."""
+        name = request.path_params["name"]
+        if name not in self.repository or self.loader is None:
+            raise bad("unknown_model", f"no model {name!r} in this server's repository: it knows {', '.join(map(repr, self.repository)) or 'none'}", 404)
+        async with self.changing:
+            try:
+                classifier = await run_in_threadpool(self.loader, self.repository[name])
+                fresh = ServedModel(name, classifier, self.config, self.metrics, self.repository[name])
+                await fresh.start()
+            except Exception as exc:  # a model that does not load is reported; the others serve on
+                self.failed[name] = f"load failed: {type(exc).__name__}: {exc}"[:500]
+                raise bad("load_failed", f"model {name!r} did not load from {self.repository[name]}: {exc}"[:500], 400) from None
+            old = self.models.get(name)
+            if old is not None:
+                fresh.index = old.index
+            self.models[name] = fresh
+            self.failed.pop(name, None)
+            self.default = self.default or name
+            if old is not None:
+                await old.stop()
+        return JSONResponse({"name": name, "state": "READY"})
+
+    async def repository_unload(self, request: Request) -> Response:
+        """``POST /v2/repository/models/NAME/unload``: stop serving NAME (load brings it back)."""
+        name = request.path_params["name"]
+        async with self.changing:
+            served = self.model(name)
+            del self.models[name]
+            self.failed[name] = "unloaded"
+            if self.default == name:
+                self.default = next(iter(self.models), None)
+            await served.stop()
+        return JSONResponse({"name": name, "state": "UNAVAILABLE"})
 
     async def uploaded_image(self, request: Request) -> tuple[str, bytes]:
         """(name, bytes) of the one image of a /predict or /explain request: a multipart field
@@ -369,6 +310,11 @@ def server_routes(server: Server) -> list[Route]:
         Route("/search", server.search, methods=["POST"]),
         Route("/metrics", server.metrics_text),
     ]
+    routes += [
+        Route("/v2/repository/index", server.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", server.repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", server.repository_unload, methods=["POST"]),
+    ]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         routes += [
             Route(prefix, server.model_metadata),
@@ -398,19 +344,49 @@ def key_checker(api_keys: list[str] | None):
     return check
 
 
+def error_handlers(metrics: Metrics) -> dict[type, Any]:
+    """JSON answers for the errors a route raises (counted by kind): ours, Starlette's, a client gone."""
+
+    async def request_error(request: Request, exc: RequestError) -> Response:
+        metrics.errors.labels(exc.kind).inc()
+        headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": 'Bearer realm="imgrec"'}}.get(exc.status)
+        if exc.kind == "body_too_large":
+            headers = {"Connection": "close"}  # the body's rest is not read
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        kind = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        metrics.errors.labels(kind).inc()
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}", "kind": kind}, status_code=exc.status_code)
+
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        metrics.errors.labels("client_disconnected").inc()
+        return Response(status_code=499)  # nobody reads it
+
+    return {RequestError: request_error, HTTPException: http_error, ClientDisconnect: client_gone}
+
+
 def create_app(
-    classifier: Classifier, config: ServeConfig | None = None, index: Index | None = None, api_keys: list[str] | None = None,
-    grpc: dict[str, Any] | None = None,
+    classifier: Classifier | dict[str, Classifier], config: ServeConfig | None = None, index: Index | None = None, api_keys: list[str] | None = None,
+    grpc: dict[str, Any] | None = None, repository: dict[str, Path] | None = None, failed: dict[str, str] | None = None, loader: Any = None,
 ) -> Starlette:  # fmt: skip
-    """The ASGI application serving ``classifier`` (run it with uvicorn, or ``serve``); with
-    ``index`` (``imgrec.inference.search.Index``), ``/search`` answers from it; with ``api_keys``,
-    every route but the page and the health checks needs one of them as a bearer token; with
-    ``grpc`` ({"host", "port", "tls": (key, cert) or None}), the v2 protocol over gRPC starts with
-    the app (``imgrec.serve.grpc_service``; its port in ``app.state.server.grpc_port``)."""
-    if index is not None:
-        index.check(classifier)
+    """The ASGI application serving ``classifier`` as ``config.name``, or each of a {name:
+    classifier} dict under its name (run it with uvicorn, or ``serve``). With ``index``
+    (``imgrec.inference.search.Index``), ``/search`` answers from it for the first model; with
+    ``api_keys``, every route but the page and the health checks needs one of them as a bearer
+    token; with ``grpc`` ({"host", "port", "tls": (key, cert) or None}), the v2 protocol over gRPC
+    starts with the app (``imgrec.serve.grpc_service``; its port in ``app.state.server.grpc_port``).
+    ``repository`` ({name: model directory}) and ``loader`` (directory -> Classifier) make the v2
+    repository extension's load and unload work; ``failed`` ({name: reason}) lists the models
+    that did not load."""
+    config = config or ServeConfig()
+    classifiers = classifier if isinstance(classifier, dict) else {config.name: classifier}
+    metrics = Metrics()
+    models = {
+        name: ServedModel(name, c, config, metrics, (repository or {}).get(name), index if i == 0 else None) for i, (name, c) in enumerate(classifiers.items())
+    }  # fmt: skip
     authorised = key_checker(api_keys)
-    server = Server(classifier, config or ServeConfig(), index, grpc=grpc, authorised=authorised)
+    server = Server(models, config, metrics, repository=repository, failed=failed, loader=loader, grpc=grpc, authorised=authorised)
 
     def guarded(endpoint):
         """``endpoint`` behind the key check, answering an unexpected exception with a JSON 500, logged, keeping the connection
@@ -433,49 +409,68 @@ def create_app(
 
     routes = [Route(r.path, guarded(r.endpoint), methods=r.methods) for r in server_routes(server)]
 
-    async def request_error(request: Request, exc: RequestError) -> Response:
-        server.metrics.errors.labels(exc.kind).inc()
-        headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": 'Bearer realm="imgrec"'}}.get(exc.status)
-        if exc.kind == "body_too_large":
-            headers = {"Connection": "close"}  # the body's rest is not read
-        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        kind = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        server.metrics.errors.labels(kind).inc()
-        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}", "kind": kind}, status_code=exc.status_code)
-
-    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
-        server.metrics.errors.labels("client_disconnected").inc()
-        return Response(status_code=499)  # nobody reads it
-
-    app = Starlette(
-        routes=routes, lifespan=server.lifespan,
-        exception_handlers={RequestError: request_error, HTTPException: http_error, ClientDisconnect: client_gone},
-    )  # fmt: skip
+    app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers=error_handlers(server.metrics))
     app.add_middleware(MetricsMiddleware, metrics=server.metrics)
     app.state.server = server
     return app
 
 
 def serve(
-    run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", backend: str = "auto", config: ServeConfig | None = None,
-    access_log: bool = False, tta: str | None = None, index: str | Path | None = None, api_keys: list[str] | None = None,
+    runs: str | Path | list[str | Path] | dict[str, str | Path], *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", backend: str = "auto",
+    config: ServeConfig | None = None, access_log: bool = False, tta: str | None = None, index: str | Path | None = None, api_keys: list[str] | None = None,
     ssl_keyfile: str | None = None, ssl_certfile: str | None = None, grpc_port: int | None = None,
 ) -> None:  # fmt: skip
-    """Load the model directory ``run`` and serve it until interrupted (``tta``: test-time
+    """Load the model directories ``runs`` (one, a list named by their folders, or {name: run};
+    ``config.name`` names a single one) and serve them until interrupted. A model that fails to
+    load is reported and the others serve; none loading is an error. ``tta``: test-time
     augmentation, ``imgrec.data.tta``; ``api_keys``: see ``create_app``; ``ssl_keyfile`` and
-    ``ssl_certfile``: HTTPS through uvicorn, and TLS on gRPC; ``grpc_port``: the v2 protocol over gRPC there too)."""
+    ``ssl_certfile``: HTTPS through uvicorn, and TLS on gRPC; ``grpc_port``: the v2 protocol over gRPC there too."""
     import uvicorn
 
-    classifier = load(run, device=device, backend=backend, tta=tta)
-    print(f"imgrec serve: {run} as model {(config or ServeConfig()).name!r}, backend {classifier.backend} ({classifier.backend_reason})", flush=True)
+    config = config or ServeConfig()
+    named = model_names(runs, config.name)
+
+    def loader(run: Path) -> Classifier:
+        return load(run, device=device, backend=backend, tta=tta)
+
+    classifiers, failed = {}, {}
+    for name, run in named.items():
+        if len(named) == 1:  # one model: its error is the command's
+            classifiers[name] = loader(run)
+            continue
+        try:
+            classifiers[name] = loader(run)
+        except Exception as exc:  # reported, and the others serve
+            failed[name] = f"load failed: {type(exc).__name__}: {exc}"[:500]
+            print(f"imgrec serve: {run} ({name!r}) did not load: {exc}", file=sys.stderr, flush=True)
+    if not classifiers:
+        raise ValueError("no model loaded: " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
+    for name, classifier in classifiers.items():
+        print(f"imgrec serve: {named[name]} as model {name!r}, backend {classifier.backend} ({classifier.backend_reason})", flush=True)
     found = Index(index) if index is not None else None
-    uvicorn.run(
-        create_app(classifier, config, found, api_keys, grpc={"host": host, "port": grpc_port, "tls": (ssl_keyfile, ssl_certfile) if ssl_keyfile else None} if grpc_port is not None else None),
-        host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30,
-        ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
-    )  # fmt: skip
+    tls = (ssl_keyfile, ssl_certfile) if ssl_keyfile else None
+    app = create_app(classifiers, config, found, api_keys, grpc={"host": host, "port": grpc_port, "tls": tls} if grpc_port is not None else None,
+                     repository=named, failed=failed, loader=loader)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+
+
+def model_names(runs: str | Path | list[str | Path] | dict[str, str | Path], single_name: str | None = None) -> dict[str, Path]:
+    """{name: model directory}: a dict as it is; a list's items as NAME=RUN or named by their
+    folder; a single run as ``single_name`` where given. Two models of one name are an error."""
+    if isinstance(runs, dict):
+        return {name: Path(run) for name, run in runs.items()}
+    items = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    named: dict[str, Path] = {}
+    for item in items:
+        name, sep, run = str(item).partition("=")
+        if not sep or not name or "/" in name:
+            name, run = Path(item).resolve().name, str(item)
+        if len(items) == 1 and single_name and not sep:
+            name = single_name
+        if name in named:
+            raise ValueError(f"two models named {name!r} ({named[name]} and {run}): name them NAME=RUN")
+        named[name] = Path(run)
+    return named
 
 
 __all__ = ["ServeConfig", "Server", "create_app", "serve"]

@@ -91,7 +91,7 @@ def make_servicer(server: Any, loop: asyncio.AbstractEventLoop, authorised: Any)
 
         def ModelReady(self, request: Any, context: Any) -> Any:
             def answer() -> Any:
-                server.check_name(request.name, request.version)
+                server.model(request.name, request.version)
                 return pb.ModelReadyResponse(ready=server.ready)
 
             return self.call(context, answer)
@@ -103,8 +103,7 @@ def make_servicer(server: Any, loop: asyncio.AbstractEventLoop, authorised: Any)
 
         def ModelMetadata(self, request: Any, context: Any) -> Any:
             def answer() -> Any:
-                server.check_name(request.name, request.version)
-                meta = server.metadata()
+                meta = server.model(request.name, request.version).metadata()
                 tensors = [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]]
                 outputs = [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]]
                 return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"], inputs=tensors, outputs=outputs)
@@ -113,12 +112,12 @@ def make_servicer(server: Any, loop: asyncio.AbstractEventLoop, authorised: Any)
 
         def ModelInfer(self, request: Any, context: Any) -> Any:
             def answer() -> Any:
-                server.check_name(request.model_name, request.model_version)
+                served = server.model(request.model_name, request.model_version)
                 body, binary = as_request(request)
-                parsed = infer_request_from(body, memoryview(binary), image_size=server.size, max_images=server.config.max_images)
-                logits = asyncio.run_coroutine_threadsafe(server.logits(parsed), loop).result(TIMEOUT_S)
-                tensors = server.output_tensors(logits, parsed)
-                response = pb.ModelInferResponse(model_name=server.config.name, model_version="1", id=request.id)
+                parsed = infer_request_from(body, memoryview(binary), image_size=served.size, max_images=server.config.max_images)
+                logits = asyncio.run_coroutine_threadsafe(served.logits(parsed), loop).result(TIMEOUT_S)
+                tensors = served.output_tensors(logits, parsed)
+                response = pb.ModelInferResponse(model_name=served.name, model_version="1", id=request.id)
                 for output in parsed.outputs or [{"name": name} for name in DEFAULT_OUTPUTS]:
                     datatype, values, shape = tensors[output["name"]]
                     response.outputs.add(name=output["name"], datatype=datatype, shape=shape)
