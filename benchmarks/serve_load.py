@@ -141,6 +141,7 @@ def main() -> None:
     p.add_argument("--malformed", type=float, default=0.05, help="fraction of malformed requests")
     p.add_argument("--backend", default="auto")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--no-pad-batches", action="store_true", help="serve with --no-pad-batches: the network at every batch size (to measure what padding does)")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args()
     if not 0 < args.seconds <= 600 or not 0 < args.clients <= 256:
@@ -157,7 +158,7 @@ def main() -> None:
     model, port = "bench", free_port()
     command = [
         sys.executable, "-m", "imgrec", "serve", str(run), "--port", str(port), "--name", model, "--backend", args.backend,
-        "--max-batch", str(args.max_batch), "--max-body-mb", str(MAX_BODY_MB),
+        "--max-batch", str(args.max_batch), "--max-body-mb", str(MAX_BODY_MB), *(["--no-pad-batches"] if args.no_pad_batches else []),
     ]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

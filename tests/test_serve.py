@@ -370,7 +370,7 @@ BAD_REQUESTS = {
     "body over the limit, Content-Length": (
         "POST", INFER, lambda g: {"content": b"\0" * (MAX_BODY + 1)}, 413, "body_too_large", ["65,537 bytes", "65,536"]),
     "body over the limit, chunked": (
-        "POST", INFER, lambda g: {"content": chunks(MAX_BODY * 2)}, 413, "body_too_large", ["more than 65,536 bytes"]),
+        "POST", INFER, lambda g: {"content": chunks(MAX_BODY * 2)}, 413, "body_too_large", ["131,072 bytes", "65,536"]),
     "predict body over the limit": (
         "POST", "/predict", lambda g: {"content": b"\xff" * (MAX_BODY + 100), "headers": {"content-type": "image/jpeg"}},
         413, "body_too_large", ["65,636 bytes"]),
@@ -971,8 +971,9 @@ def test_onnx_backend_predicts_what_eager_does(run_copy, classifier, mixed_files
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
 def test_an_over_size_body_is_not_read_to_its_end(classifier, declared):
-    """A 413 without reading the rest: at once where Content-Length says too much, else as soon
-    as the bytes read pass the limit (a 1 GB body costs the server a few chunks, not 1 GB)."""
+    """A 413 without reading the rest of a large body: at once where Content-Length says too
+    much, else once the bytes read pass the limit by DRAIN_BYTES (a 1 GB body costs the server
+    16 MiB of reading, not 1 GB); the connection then closes."""
     from starlette.requests import Request
 
     from imgrec.serve import ServeConfig
@@ -992,5 +993,24 @@ def test_an_over_size_body_is_not_read_to_its_end(classifier, declared):
     request = Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b""}, receive)
     with pytest.raises(RequestError) as caught:
         asyncio.run(server.read_body(request))
-    assert caught.value.status == 413 and caught.value.kind == "body_too_large"
-    assert len(pulled) == (0 if declared else MAX_BODY // chunk + 1)
+    from imgrec.serve.app import DRAIN_BYTES
+
+    assert caught.value.status == 413 and caught.value.kind == "body_too_large" and caught.value.close
+    assert len(pulled) == (0 if declared else (MAX_BODY + DRAIN_BYTES) // chunk + 1)
+
+
+def test_a_padding_batcher_runs_few_shapes_and_drops_the_padding():
+    """With pad, the network sees only batch sizes 1, 2, 4 ... max_batch; each caller gets exactly
+    its own rows, the padding's never."""
+    forward = FakeForward()
+    counts = [3, 1, 2, 5, 1, 7]
+
+    async def scenario(batcher):
+        answers = []
+        for i, n in enumerate(counts):  # one at a time: every request its own batch
+            answers.append(await batcher(rows(i, n)))
+        return answers
+
+    results = run_batcher(scenario, forward=forward, max_batch=6, max_wait=0.0, pad=True)
+    assert set(forward.sizes) <= {1, 2, 4, 6} and forward.sizes == [4, 1, 2, 6, 1, 6, 1]  # 7 images: a chunk of 6, then 1
+    assert [r.tolist() for r in results] == [sums(i, n) for i, n in enumerate(counts)]

@@ -274,6 +274,7 @@ class ServeConfig:
     name: str = option("imgrec", "the model's name in /v2/models/NAME (default: the run folder's name)")
     max_batch: int = option(16, "images in one forward pass", bounds="[1, inf)")
     max_wait_ms: float = option(5.0, "how long a lone request waits for others to batch with", bounds="[0, inf)")
+    pad_batches: bool = option(True, "run the network only at batch sizes 1, 2, 4 ... --max-batch (padded up to the next): a few shapes, so the kernel caches stop growing")
     max_body_bytes: int = option(32 << 20, "largest request body", flag=False, bounds="[1, inf)")  # the CLI takes it in MiB: --max-body-mb
     max_pixels: int = option(25_000_000, "largest image in pixels, read from its header", bounds="[1, inf)")
     max_images: int = option(64, "images in one request", bounds="[1, inf)")

@@ -100,7 +100,7 @@ def reliability_figure(bins: list[dict], ece: float, temperature: float | None =
     top.bar([c for c, _ in filled], [row["accuracy"] for _, row in filled], width=width, color="#1f77b4", edgecolor="white", label="accuracy")
     top.bar(
         [c for c, _ in filled], [row["confidence"] - row["accuracy"] for _, row in filled], bottom=[row["accuracy"] for _, row in filled],
-        width=width, color="#d62728", alpha=0.3, edgecolor="#d62728", label="gap to confidence",
+        width=width, fill=False, hatch="//", edgecolor="#d62728", label="gap to the mean confidence",
     )  # fmt: skip
     top.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="calibrated")
     top.set_xlim(0, 1)
@@ -108,7 +108,7 @@ def reliability_figure(bins: list[dict], ece: float, temperature: float | None =
     top.set_ylabel("accuracy")
     scaled = f", temperature {temperature:.3g}" if temperature not in (None, 1.0) else ""
     top.set_title(f"Reliability: ECE {ece:.2f}%{scaled}")
-    top.legend(loc="upper left")
+    top.legend(loc="lower right", fontsize="small", framealpha=0.85)
     bottom.bar(centres, [row["n"] for row in bins], width=width, color="#7f7f7f", edgecolor="white")
     bottom.set_xlabel("confidence of the top class")
     bottom.set_ylabel("images")

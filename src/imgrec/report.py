@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from imgrec.data.decode import BadImageError, load_rgb
 from imgrec.plots import confusion_figure, reliability_figure
@@ -270,7 +271,7 @@ def _calibration_section(metrics: dict) -> str:
     scaled = f"with the temperature {temperature:.3g} fitted by <code>imgrec calibrate</code>" if temperature else "as trained (not calibrated: <code>imgrec calibrate RUN --data VAL</code> fits a temperature)"
     note = (
         f'<p class="note">Probabilities {scaled}: expected calibration error {metrics["ece"]:.2f}%, NLL {metrics["nll"]:.4f}, '
-        f"Brier score {metrics['brier']:.4f}. Bars below the diagonal: the model is surer than it is right.</p>"
+        f"Brier score {metrics['brier']:.4f}. A bar below the diagonal: there the model is surer than it is right; above it, less sure.</p>"
     )
     return f'{note}\n<div class="confusion">{_img(_png_data_uri(figure), "reliability diagram")}</div>'
 
@@ -278,9 +279,13 @@ def _calibration_section(metrics: dict) -> str:
 # --- predictions --------------------------------------------------------------------------------
 
 
-def _thumbnail_data_uri(path: str | os.PathLike) -> str:
-    """The image at ``path`` shrunk to at most THUMBNAIL_PX a side, as a JPEG data URI; raises BadImageError."""
+def _thumbnail_data_uri(path: str | os.PathLike, enlarge: bool = False) -> str:
+    """The image at ``path`` shrunk to at most THUMBNAIL_PX a side (with ``enlarge``, a smaller one
+    grown to it: a heatmap at a 64 px model's input), as a JPEG data URI; raises BadImageError."""
     image = load_rgb(path)
+    scale = THUMBNAIL_PX / max(image.size)
+    if enlarge and scale > 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
     image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
@@ -292,7 +297,7 @@ def _prediction_cell(item: dict) -> str:
     true, pred = item.get("true"), item.get("pred", "")
     verdict = "unlabelled" if true is None else ("correct" if str(true) == str(pred) else "wrong")
     try:
-        picture = _img(_thumbnail_data_uri(path), f"{pred} ({Path(path).name})")
+        picture = _img(_thumbnail_data_uri(path, enlarge="heatmap" in item), f"{pred} ({Path(path).name})")
     except BadImageError as exc:
         picture = f'<div class="missing">cannot open {_esc(Path(path).name)}<br>{_esc(exc.reason)}</div>'
     truth = "—" if true is None else _esc(true)

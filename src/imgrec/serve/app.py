@@ -92,22 +92,26 @@ class Server:
         raise bad("unknown_model", f"no model {name!r} version {version!r} here{why}: this server has {here}, version '1'", 404)
 
     async def read_body(self, request: Request) -> bytes:
-        """The request body, or a 413: at once where Content-Length declares more than the limit
-        (a client that sent ``Expect: 100-continue``, as curl does for large bodies, never sends
-        it), else as soon as the bytes read pass it; the rest is not read (the 413 closes the
-        connection)."""
+        """The request body, or a 413. A body over the limit by at most DRAIN_BYTES is read to its
+        end and dropped, so that a client still sending hears the 413 on a connection that stays
+        open; a larger one is not read further (at once where its Content-Length says so; a
+        client that sent ``Expect: 100-continue``, as curl does for large bodies, never sends it)
+        and the 413 closes the connection."""
         limit = self.config.max_body_bytes
         if request.headers.get("content-encoding", "identity") != "identity":
             raise bad("unsupported_encoding", f"Content-Encoding {request.headers['content-encoding']!r} is not accepted: send the body uncompressed", 415)
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise bad("body_too_large", f"request body of {int(declared):,} bytes, over this server's limit of {limit:,} (imgrec serve --max-body-mb)", 413)
+        if declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
+            raise too_large(f"request body of {int(declared):,} bytes, over this server's limit of {limit:,} (imgrec serve --max-body-mb)", close=True)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise bad("body_too_large", f"request body of more than {limit:,} bytes (at least {size:,}), over this server's limit (imgrec serve --max-body-mb)", 413)
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > limit + DRAIN_BYTES:
+                raise too_large(f"request body of more than {limit:,} bytes (at least {size:,}), over this server's limit (imgrec serve --max-body-mb)", close=True)
+        if size > limit:
+            raise too_large(f"request body of {size:,} bytes, over this server's limit of {limit:,} (imgrec serve --max-body-mb)", close=False)
         return b"".join(chunks)
 
     def path_model(self, request: Request) -> ServedModel:
@@ -288,6 +292,16 @@ class Server:
         return Response(content, media_type=content_type)
 
 
+DRAIN_BYTES = 16 << 20  # an over-size body is read and dropped up to this much past the limit, so the client hears the 413
+
+
+def too_large(message: str, *, close: bool) -> RequestError:
+    """A 413 ``body_too_large``; ``close``: the body's rest was not read, so the connection closes after it."""
+    error = bad("body_too_large", message, 413)
+    error.close = close
+    return error
+
+
 def count_parameter(request: Request, name: str, default: str) -> int:
     """The positive integer of query parameter ``name`` (``?topk=5``), or a 400 naming it."""
     text = request.query_params.get(name, default)
@@ -350,8 +364,8 @@ def error_handlers(metrics: Metrics) -> dict[type, Any]:
     async def request_error(request: Request, exc: RequestError) -> Response:
         metrics.errors.labels(exc.kind).inc()
         headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": 'Bearer realm="imgrec"'}}.get(exc.status)
-        if exc.kind == "body_too_large":
-            headers = {"Connection": "close"}  # the body's rest is not read
+        if getattr(exc, "close", False):
+            headers = {"Connection": "close"}  # the body's rest was not read
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:

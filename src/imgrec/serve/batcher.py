@@ -5,7 +5,9 @@ Requests wait in a queue; the batching task takes the first, then whatever arriv
 thread (the event loop keeps accepting and decoding meanwhile) and hands each request its rows.
 Under load the queue fills while a batch runs, so the next batch forms without waiting at all;
 alone, a request waits at most ``max_wait``. A request of more than ``max_batch`` images runs
-alone, in chunks of ``max_batch``.
+alone, in chunks of ``max_batch``. With ``pad``, the network runs only at batch sizes 1, 2, 4, ...
+``max_batch``: a batch is padded with zeros up to the next size and its padding dropped from
+the answer (the rows of a network in eval mode do not see one another).
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ class DynamicBatcher:
         max_batch: int = 16,
         max_wait: float = 0.005,
         on_batch: Callable[[int, float], None] | None = None,
+        pad: bool = False,
     ):
         if max_batch < 1 or max_wait < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait}")
         self.forward, self.max_batch, self.max_wait, self.on_batch = forward, max_batch, max_wait, on_batch
+        # with pad, the network sees only these batch sizes (a batch is padded with zeros up to the next)
+        self.sizes = sorted({min(1 << k, max_batch) for k in range(max_batch.bit_length() + 1)}) if pad else None
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="imgrec-inference")
         self.task: asyncio.Task | None = None
@@ -80,7 +85,14 @@ class DynamicBatcher:
         return items
 
     def _forward_chunks(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.forward(chunk) for chunk in batch.split(self.max_batch)])
+        outputs = []
+        for chunk in batch.split(self.max_batch):
+            rows = len(chunk)
+            size = next(s for s in self.sizes if s >= rows) if self.sizes else rows
+            if size > rows:  # a few shapes only: the kernels' caches (oneDNN's per shape) stop growing
+                chunk = torch.cat([chunk, chunk.new_zeros((size - rows, *chunk.shape[1:]))])
+            outputs.append(self.forward(chunk)[:rows])
+        return torch.cat(outputs)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

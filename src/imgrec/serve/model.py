@@ -35,14 +35,16 @@ class ServedModel:
             index.check(classifier)
         self.name, self.classifier, self.config, self.metrics, self.run, self.index = name, classifier, config, metrics, run, index
         self.size = classifier.card.img_size
-        self.batcher = DynamicBatcher(classifier.forward, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000, on_batch=metrics.observe_batch)
+        self.batcher = DynamicBatcher(
+            classifier.forward, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000, on_batch=metrics.observe_batch, pad=config.pad_batches
+        )
         self.in_flight = 0  # images between decoding and their answer
         self.explaining = threading.Lock()  # /explain and /search: one at a time, on a copy of the model of their own
         self._analysis_model: torch.nn.Module | None = None
 
     async def start(self) -> None:
         await self.batcher.start()
-        for batch in sorted({1, self.config.max_batch}):  # first calls allocate (and compile has both shapes to build): not a client's wait
+        for batch in self.batcher.sizes or sorted({1, self.config.max_batch}):  # first calls allocate (and compile has the shapes to build): not a client's wait
             await self.batcher(torch.zeros(batch, 3, self.size, self.size, device=self.classifier.device))
         log.info("serving %s as %r with backend %s", self.classifier.card.architecture, self.name, self.classifier.backend)
 
