@@ -117,6 +117,17 @@ def unfit_reason(logits: torch.Tensor, labels: torch.Tensor, temperature: float)
     return None
 
 
+def checked_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, Any]]:
+    """The temperature fitted on these held-out images and ``before_and_after`` of it, or a
+    ValueError with ``unfit_reason`` where it should not be used (``imgrec calibrate`` and
+    ``train --calibrate`` both go through here)."""
+    temperature = fit_temperature(logits, labels) if len(labels) >= MIN_IMAGES else 1.0
+    reason = unfit_reason(logits, labels, temperature)
+    if reason:
+        raise ValueError(reason)
+    return temperature, before_and_after(logits, labels, temperature)
+
+
 def before_and_after(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, Any]:
     """What dividing ``logits`` by ``temperature`` does on these images: their number, and ECE
     (percent), NLL and Brier score before and after (what the model card's ``calibration`` holds)."""
@@ -133,4 +144,4 @@ def tempered(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
     return logits if temperature in (None, 1.0) else logits / temperature
 
 
-__all__ = ["ECE_BINS", "MIN_IMAGES", "MIN_MISTAKES", "unfit_reason", "TEMPERATURE_RANGE", "before_and_after", "brier_score", "calibration_metrics", "expected_calibration_error", "fit_temperature", "reliability_bins", "tempered"]
+__all__ = ["ECE_BINS", "MIN_IMAGES", "MIN_MISTAKES", "unfit_reason", "TEMPERATURE_RANGE", "before_and_after", "checked_temperature", "brier_score", "calibration_metrics", "expected_calibration_error", "fit_temperature", "reliability_bins", "tempered"]

@@ -26,8 +26,7 @@ def tta_views(batch: torch.Tensor, mode: str | None) -> list[torch.Tensor]:
     """The views of an NCHW batch that ``mode`` (``TTA_MODES``; None: the batch alone) averages over."""
     if mode is None:
         return [batch]
-    if mode not in TTA_MODES:
-        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+    known_mode(mode)
     views = [batch]
     if "crops" in mode:
         height, width = batch.shape[-2:]
@@ -44,6 +43,12 @@ def _format(batch: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if batch.ndim == 4 and batch.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
+def known_mode(mode: str) -> None:
+    """An error naming the modes where ``mode`` is none of ``TTA_MODES``."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+
+
 def averaged(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, mode: str | None) -> torch.Tensor:
     """``forward``'s logits of ``batch``, averaged over the views of ``mode`` (in float32)."""
     if mode is None:
@@ -58,8 +63,7 @@ def check_tta(mode: str | None, run: str | os.PathLike | None) -> str | None:
     saw. ``run``'s config.yaml says; a model directory without one is not checked."""
     if mode is None or mode == "none":
         return None
-    if mode not in TTA_MODES:
-        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+    known_mode(mode)
     config = Path(run, "config.yaml") if run is not None else None
     if "flip" in mode and config is not None and config.is_file():
         import yaml

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-from imgrec.calibration import MIN_IMAGES, before_and_after, fit_temperature, unfit_reason
+from imgrec.calibration import checked_temperature
 from imgrec.card import MODEL_CARD, ModelCard
 from imgrec.engine.evaluate import model_outputs
 from imgrec.utils import write_json
@@ -30,13 +30,11 @@ def calibrate(run: str | os.PathLike, data: str | os.PathLike, *, write: bool = 
     fitted on, and the ECE (percent), NLL and Brier score before and after.
     """
     out = model_outputs(run, data, console=console, **options)
-    if len(out.labels) < MIN_IMAGES:
-        raise ValueError(f"{data}: {unfit_reason(out.logits, out.labels, 1.0)}. Calibrate on a larger held-out set (the val split of a bigger dataset)")
-    temperature = fit_temperature(out.logits, out.labels)
-    reason = unfit_reason(out.logits, out.labels, temperature)
-    if reason:
-        raise ValueError(f"{data}: {reason}. The model is left uncalibrated; calibrate on more held-out images, or harder ones")
-    result = {"temperature": temperature, "data": str(data), **before_and_after(out.logits, out.labels, temperature)}
+    try:
+        temperature, report = checked_temperature(out.logits, out.labels)
+    except ValueError as exc:
+        raise ValueError(f"{data}: {exc}. The model is left uncalibrated; calibrate on more held-out images, or harder ones") from None
+    result = {"temperature": temperature, "data": str(data), **report}
     result["tta"] = options.get("tta")
     if write:
         card = out.card

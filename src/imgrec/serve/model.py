@@ -58,7 +58,6 @@ class ServedModel:
             self._analysis_model = copy.deepcopy(self.classifier.model).float().eval()
         return self._analysis_model
 
-
     def check_resized_pixels(self, name: str, height: int, width: int) -> None:
         """Refuse an image whose eval resize (shorter side to img_size / crop_pct) would exceed the pixel limit:
         a 1 x 1,000,000 strip has few pixels but would be resized to hundreds of millions."""
@@ -72,7 +71,6 @@ class ServedModel:
                 f"{self.config.max_pixels:,}: crop it nearer to square",
                 413,
             )
-
 
     def decode(self, name: str, data: bytes) -> torch.Tensor:
         try:
@@ -88,7 +86,6 @@ class ServedModel:
             raise bad("too_many_pixels", f"{name}: {exc.reason} (this server's limit: {self.config.max_pixels:,} pixels)", 413) from None
         except BadImageError as exc:
             raise bad("bad_image", f"{name}: {exc.reason}") from None
-
 
     def prepare(self, request: InferRequest) -> torch.Tensor:
         """The normalised float batch of a parsed request (runs on a worker thread)."""
@@ -111,7 +108,6 @@ class ServedModel:
         with torch.inference_mode():  # uint8 travels to the GPU, a quarter of float's bytes
             return self.classifier.normalize(torch.stack(images).to(device)).float()
 
-
     async def logits(self, request: InferRequest) -> torch.Tensor:
         if self.in_flight + request.count > self.config.max_queue:
             raise RequestError(503, "overloaded", f"{self.in_flight} images are being classified, the most this server queues is "
@@ -123,7 +119,6 @@ class ServedModel:
             return await self.batcher(inputs)
         finally:
             self.in_flight -= request.count
-
 
     def metadata(self) -> dict[str, Any]:
         """The model's v2 metadata: inputs, outputs and what the server knows of its preprocessing (HTTP and gRPC)."""
@@ -147,7 +142,6 @@ class ServedModel:
                 "max_body_bytes": self.config.max_body_bytes, "one_input": "send exactly one of the inputs; its datatype says which",
             },
         }  # fmt: skip
-
 
     def output_tensors(self, logits: torch.Tensor, request: InferRequest) -> dict[str, tuple[str, Any, list[int]]]:
         classes, n = self.classifier.classes, len(logits)

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from imgrec import distributed
-from imgrec.calibration import before_and_after, fit_temperature, unfit_reason
+from imgrec.calibration import checked_temperature
 from imgrec.card import MODEL_WEIGHTS, ModelCard
 from imgrec.config import TrainConfig
 from imgrec.data.cache import BatchedRandomResizedCrop, CachedEvalLoader, CachedTrainLoader, ImageCache, cache_plan, cache_side
@@ -219,12 +219,15 @@ class ClassifyTask(Task):
         if self.ema is not None:
             self.ema.update(self.model, step=step)
 
+    def val_logits(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of ``model`` on every val image, gathered from all ranks (each scored its share)."""
+        run = self.run
+        logits, labels = collect_logits(model, self.val_loader, device=run.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[run.precision])
+        return distributed.gather_rows(logits.to(run.device)).cpu(), distributed.gather_rows(labels.to(run.device)).cpu()
+
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """Loss, top-1 and top-5 of ``model`` (the trained one by default) on every val image, over all ranks."""
-        run = self.run
-        model = model if model is not None else self.eval_forward
-        logits, labels = collect_logits(model, self.val_loader, device=run.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[run.precision])
-        logits, labels = distributed.gather_rows(logits.to(run.device)).cpu(), distributed.gather_rows(labels.to(run.device)).cpu()  # each rank scored its share
+        logits, labels = self.val_logits(model if model is not None else self.eval_forward)
         return {**classification_metrics(logits, labels, self.classes), "count": len(labels)}
 
     def validate(self, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
@@ -280,13 +283,11 @@ class ClassifyTask(Task):
         distributed.barrier()  # rank 0's model directory is on disk before any rank reads it
         saved = copy.deepcopy(self.saved)
         saved.load_state_dict(load_file(str(run.out / MODEL_WEIGHTS), device=str(run.device)))  # the best epoch's weights, as the model directory holds them
-        logits, labels = collect_logits(saved, self.val_loader, device=run.device, normalize=self.eval_normalize, autocast_dtype=DTYPES[run.precision])
-        logits, labels = distributed.gather_rows(logits.to(run.device)).cpu(), distributed.gather_rows(labels.to(run.device)).cpu()
-        temperature = fit_temperature(logits, labels) if len(labels) else 1.0
-        reason = unfit_reason(logits, labels, temperature)
-        if reason:
-            return f"--calibrate: {reason} in the validation split; the model is left uncalibrated"
-        report = before_and_after(logits, labels, temperature)
+        logits, labels = self.val_logits(saved)
+        try:
+            temperature, report = checked_temperature(logits, labels)
+        except ValueError as exc:
+            return f"--calibrate: {exc} in the validation split; the model is left uncalibrated"
         if distributed.is_main():
             card = ModelCard.read(run.out)
             card.temperature, card.calibration = temperature, {"data": "the run's validation split", **report}
