@@ -103,3 +103,30 @@ def test_an_index_refuses_other_weights_of_the_same_architecture(run_dir, galler
     save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(other / "model.safetensors"))
     with pytest.raises(ValueError, match="built with other weights"):
         search(other, [original], index=tmp_path / "index", device="cpu")
+
+
+def test_a_reloaded_model_keeps_its_index_only_while_the_weights_match(run_dir, gallery, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+    from starlette.testclient import TestClient
+
+    from imgrec.inference.predict import load
+    from imgrec.inference.search import Index
+    from imgrec.serve.app import create_app
+
+    folder, original = gallery
+    build_index(run_dir, folder / "val", tmp_path / "index", device="cpu")
+    served = tmp_path / "served"
+    shutil.copytree(run_dir, served)
+
+    def loader(run: Path):
+        return load(run, device="cpu", backend="eager")
+
+    app = create_app({"m": loader(served)}, index=Index(tmp_path / "index"), repository={"m": served}, loader=loader)
+    with TestClient(app) as client:
+        assert client.post("/v2/repository/models/m/load").json() == {"name": "m", "state": "READY"}  # the same weights: kept
+        assert client.post("/search", content=original.read_bytes()).status_code == 200
+        weights = load_file(str(served / "model.safetensors"))
+        save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(served / "model.safetensors"))
+        answer = client.post("/v2/repository/models/m/load").json()
+        assert answer["state"] == "READY" and answer["index"].startswith("dropped:") and "other weights" in answer["index"]
+        assert client.post("/search", content=original.read_bytes()).status_code == 404

@@ -223,20 +223,31 @@ class Server:
         async with self.changing:
             try:
                 classifier = await run_in_threadpool(self.loader, self.repository[name])
-                fresh = ServedModel(name, classifier, self.config, self.metrics, self.repository[name])
+                index, note = self.kept_index(name, classifier)
+                fresh = ServedModel(name, classifier, self.config, self.metrics, self.repository[name], index)
                 await fresh.start()
             except Exception as exc:  # a model that does not load is reported; the others serve on
                 self.failed[name] = f"load failed: {type(exc).__name__}: {exc}"[:500]
                 raise bad("load_failed", f"model {name!r} did not load from {self.repository[name]}: {exc}"[:500], 400) from None
             old = self.models.get(name)
-            if old is not None:
-                fresh.index = old.index
             self.models[name] = fresh
             self.failed.pop(name, None)
             self.default = self.default or name
             if old is not None:
                 await old.stop()
-        return JSONResponse({"name": name, "state": "READY"})
+        return JSONResponse({"name": name, "state": "READY"} | ({"index": note} if note else {}))
+
+    def kept_index(self, name: str, classifier: Classifier) -> tuple[Index | None, str | None]:
+        """The search index NAME served before a reload, if it still fits the reloaded weights, and
+        a note when it does not (the reload goes on without it: /search answers that there is none)."""
+        old = self.models.get(name)
+        if old is None or old.index is None:
+            return None, None
+        try:
+            old.index.check(classifier)
+        except ValueError as exc:
+            return None, f"dropped: {exc}"
+        return old.index, None
 
     async def repository_unload(self, request: Request) -> Response:
         """``POST /v2/repository/models/NAME/unload``: stop serving NAME (load brings it back)."""
