@@ -70,11 +70,11 @@ def add_backend_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_export_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("export", help="export a model directory to ONNX or TorchScript, checked against the eager model on real images")
+    p = commands.add_parser("export", help="export a model directory to ONNX, OpenVINO or TorchScript, checked against the eager model on real images")
     p.add_argument("run", metavar="RUN", help="a model directory (imgrec train --out)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--int8", action="store_true", help="ONNX only: post-training int8 quantisation (onnxruntime), calibrated on --calibration images")
-    p.add_argument("--out", help="output file (default: RUN/model.onnx, model.int8.onnx or model.torchscript.pt)")
+    p.add_argument("--format", choices=["onnx", "openvino", "torchscript"], default="onnx", help="onnx (default), openvino (an IR: .xml and .bin) or torchscript")
+    p.add_argument("--int8", action="store_true", help="post-training int8 quantisation, calibrated on --calibration images: onnxruntime's for onnx, NNCF's accuracy-controlled one for openvino")
+    p.add_argument("--out", help="output file (default: RUN/model.onnx, model.int8.onnx, model.openvino.xml, model.int8.openvino.xml or model.torchscript.pt)")
     p.add_argument("--images", help="folder of images for the parity check and calibration (default: the run's val split)")
     p.add_argument("--max-images", type=bounded(int, "[1, inf)"), default=256, help="images the parity check runs on (default 256)")
     p.add_argument("--calibration", type=bounded(int, "[1, inf)"), default=300, help="--int8: calibration images (default 300)")

@@ -53,7 +53,7 @@ def restamp_exports(run: str | os.PathLike, card: ModelCard) -> list[str]:
     stamped = []
     for sidecar in sorted(Path(run).glob("*.json")):
         exported = sidecar.with_name(sidecar.name[: -len(".json")])
-        if exported.suffix in (".onnx", ".pt") and exported.is_file():
+        if exported.suffix in (".onnx", ".xml", ".pt") and exported.is_file():
             write_json(sidecar, card.to_dict())
             stamped.append(str(exported))
     return stamped

@@ -2,8 +2,9 @@
 
 Backends (those that apply on the machine): ``eager`` (fp32, the baseline), ``channels_last``,
 ``bf16`` (autocast + channels_last), ``compile`` (torch.compile of the bf16 channels_last model,
-fp32 on CPUs without native bf16), ``onnx`` (onnxruntime fp32) and ``onnx-int8`` (onnxruntime
-static int8, calibrated on the run's images). Each gets latency at batch 1 (p50, p99 over
+fp32 on CPUs without native bf16), ``onnx`` (onnxruntime fp32), ``onnx-int8`` (onnxruntime
+static int8, calibrated on the run's images), ``openvino`` and ``openvino-int8`` (OpenVINO fp32,
+NNCF's accuracy-controlled int8). Each gets latency at batch 1 (p50, p99 over
 ``iterations`` calls) and throughput at the larger batch (images/s, the median of ``rounds``
 rounds in which the backends take turns), and its top-1 agreement with eager fp32 on real
 images (the run's val split or ``images``). Inputs are
@@ -118,7 +119,7 @@ def benchmark(
     model, card = load_model_dir(run)
     model = model.float().eval().to(memory_format=torch.contiguous_format)
     flush_denormals(torch.device("cpu"))
-    inputs = preprocess(card, parity_files(Path(run), images, max_images + (calibration_images if "onnx-int8" in backends else 0), seed=0), console=console)
+    inputs = preprocess(card, parity_files(Path(run), images, max_images + (calibration_images if any(backend_class(b).calibrates for b in backends) else 0), seed=0), console=console)
     checked = inputs[:max_images]  # int8 calibrates on other images than those it is judged on, when there are enough
     calibration = inputs[max_images:] if len(inputs) > max_images else inputs[:calibration_images]
     generator = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""``imgrec export RUN``: the model directory as ONNX or TorchScript, checked against the eager model.
+"""``imgrec export RUN``: the model directory as ONNX, OpenVINO or TorchScript, checked against the eager model.
 
 The exported model takes what the eager model takes: float32 images [batch, 3, H, W], resized,
 cropped and normalised as the model card says, with a dynamic batch axis. The card (architecture,
@@ -7,10 +7,12 @@ TorchScript extra file ``imgrec.json``) and beside it as ``FILE.json``, so a ser
 
 After writing, the export is run on real images (a folder you name, or the run's own val split)
 next to the eager model: the largest |logit difference| and the top-1 agreement are printed, and
-the export fails past a tolerance. ``int8`` quantises the ONNX model after training with
-onnxruntime (the ``onnx-int8`` backend: static, QDQ, per-channel int8 weights and uint8
-activations, calibrated on a few hundred images) and reports its top-1 agreement with the eager
-fp32 model. The ONNX files are what the backends of the same names run (``imgrec.inference.backends``).
+the export fails past a tolerance. ``openvino`` writes an OpenVINO IR (model.openvino.xml and
+.bin). ``int8`` quantises after training: ONNX with onnxruntime (the ``onnx-int8`` backend:
+static, QDQ, per-channel int8 weights and uint8 activations), OpenVINO with NNCF, accuracy
+controlled (``openvino-int8``), both calibrated on a few hundred images, and reports the top-1
+agreement with the eager fp32 model. The files are what the backends of the same names run
+(``imgrec.inference.backends``).
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ from imgrec.data.decode import BadImageError, load_sample
 from imgrec.data.folder import iter_image_files
 from imgrec.data.splits import SPLIT_FILE, SplitRecord
 from imgrec.data.transforms import BatchNormalize, eval_transform
-from imgrec.inference.backends import get_backend
+from imgrec.inference.backends import backend_class, get_backend
 from imgrec.inference.backends.base import metadata
-from imgrec.inference.backends.onnx import onnx_session, read_onnx_metadata
+from imgrec.inference.backends.onnx import read_onnx_metadata
 from imgrec.models.directory import load_model_dir
 from imgrec.progress import activity, track
 from imgrec.utils import write_json
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "openvino", "torchscript")
+# the backend that runs each file-based export, by (format, int8); it writes the file
+EXPORT_BACKENDS = {("onnx", False): "onnx", ("onnx", True): "onnx-int8", ("openvino", False): "openvino", ("openvino", True): "openvino-int8"}
 
 
 @dataclass
@@ -81,13 +85,13 @@ def export(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if int8 and format != "onnx":
-        raise ValueError("--int8 quantises with onnxruntime: use it with --format onnx")
+    if int8 and format == "torchscript":
+        raise ValueError("--int8 quantises with onnxruntime or OpenVINO's NNCF: use it with --format onnx or --format openvino")
     run = Path(run)
     model, card = load_model_dir(run)
     model = model.to(memory_format=torch.contiguous_format).float().eval()
-    suffix = {"onnx": ".int8.onnx" if int8 else ".onnx", "torchscript": ".torchscript.pt"}[format]
-    path = Path(out) if out is not None else run / f"model{suffix}"
+    default = "model.torchscript.pt" if format == "torchscript" else backend_class(EXPORT_BACKENDS[format, int8]).file
+    path = Path(out) if out is not None else run / default
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = preprocess(card, parity_files(run, images, max_images + (calibration_images if int8 else 0), seed), console=console)
     checked = inputs[:max_images]
@@ -125,9 +129,10 @@ def write_export(
         write_torchscript(model, example, card, path)
         exported = load_torchscript(path)
         return lambda x: exported(x).detach().numpy()
-    get_backend("onnx-int8" if int8 else "onnx").export(model, example, card, path, calibration=calibration)
-    session = onnx_session(path)
-    return lambda x: session.run(None, {"input": x.numpy()})[0]
+    backend = get_backend(EXPORT_BACKENDS[format, int8])
+    backend.export(model, example, card, path, calibration=calibration)
+    forward = backend.load(None, torch.device("cpu"), path=path)
+    return lambda x: forward(x).numpy()
 
 
 def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
@@ -203,6 +208,10 @@ def read_export_info(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.suffix == ".onnx":
         return read_onnx_metadata(path)
+    if path.suffix == ".xml":
+        from imgrec.inference.backends.openvino import read_openvino_metadata
+
+        return read_openvino_metadata(path)
     extra = {"imgrec.json": ""}
     load_torchscript(path, extra)
     return json.loads(extra["imgrec.json"])

@@ -69,7 +69,7 @@ class Classifier:
     pipeline: ``fast`` (decode-and-crop, the default) or ``standard`` (decode everything, resize,
     centre crop, as torchvision's reference scripts do). ``backend`` runs the network
     (``imgrec.inference.backends``): None is PyTorch, channels_last, at ``precision``; a
-    file-based one (``onnx``, ``onnx-int8``) needs its file at ``path`` (or ``onnx_path``).
+    file-based one (``onnx``, ``onnx-int8``, ``openvino``, ``openvino-int8``) needs its file at ``path`` (or ``onnx_path``).
     """
 
     def __init__(

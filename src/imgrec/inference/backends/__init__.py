@@ -22,6 +22,8 @@ REGISTRY = {
     "compile": "imgrec.inference.backends.compiled:Compiled",
     "onnx": "imgrec.inference.backends.onnx:Onnx",
     "onnx-int8": "imgrec.inference.backends.onnx_int8:OnnxInt8",
+    "openvino": "imgrec.inference.backends.openvino:OpenVino",
+    "openvino-int8": "imgrec.inference.backends.openvino:OpenVinoInt8",
 }
 BACKENDS = tuple(REGISTRY)
 

@@ -21,6 +21,7 @@ class Backend:
     file: ClassVar[str | None] = None  # the file in the model directory it runs from (ONNX), None for the PyTorch model itself
     devices: ClassVar[tuple[str, ...] | None] = None  # the device types it runs on; None: wherever PyTorch does
     precision: ClassVar[str | None] = None  # the precision it fixes, if any (the PyTorch backends)
+    calibrates: ClassVar[bool] = False  # its export quantises, calibrated on images (int8)
 
     def load(self, model: torch.nn.Module, device: torch.device, *, precision: str = "auto", path: str | os.PathLike | None = None,
              threads: int | None = None) -> Forward:  # fmt: skip

@@ -50,6 +50,7 @@ def quantize_int8(fp32: Path, path: Path, calibration: torch.Tensor, info: dict)
 class OnnxInt8(Onnx):
     name = "onnx-int8"
     file = "model.int8.onnx"
+    calibrates = True
 
     def export(self, model: torch.nn.Module, example: torch.Tensor, card: ModelCard, path: Path, *, calibration: torch.Tensor | None = None,
                fp32: Path | None = None) -> None:  # fmt: skip

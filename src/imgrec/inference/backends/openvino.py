@@ -1,0 +1,152 @@
+"""``openvino`` and ``openvino-int8``: Intel's OpenVINO runtime on the CPU, from an OpenVINO IR.
+
+``openvino`` runs RUN/model.openvino.xml (+ .bin): the network converted from PyTorch by
+``openvino.convert_model`` with a dynamic batch axis, weights kept in fp32 and run at f32 (the
+CPU plugin would otherwise pick bf16 where the CPU has it, and drift from the eager model).
+
+``openvino-int8`` runs RUN/model.int8.openvino.xml: NNCF's post-training quantisation, accuracy
+controlled. NNCF quantises the fp32 IR on the calibration images, then measures the quantised
+model's top-1 agreement with the fp32 network on the same images; while it loses more than
+``MAX_DROP`` of it, the layers that cost the most are put back to floating point one by one (an
+ignored scope found by measurement). Which layers stayed in floating point is recorded in the
+file's metadata beside the card. The card travels inside the IR (runtime info ``imgrec``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgrec.card import ModelCard
+from imgrec.inference.backends.base import Backend, Forward, metadata
+
+METADATA_KEY = "imgrec"
+MAX_DROP = 0.01  # the quantised model may lose at most this fraction of top-1 agreement with the fp32 one
+MAX_REVERTED = 20  # layers NNCF may put back to floating point before it stops
+QUANTIZATION = "int8, NNCF post-training, accuracy-controlled"
+
+
+def openvino() -> Any:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError("the openvino backends need OpenVINO and NNCF: pip install 'imgrec[openvino]'") from None
+    return ov
+
+
+def convert(model: torch.nn.Module, example: torch.Tensor) -> Any:
+    """``model`` as an OpenVINO model taking any batch of ``example``'s image size."""
+    ov = openvino()
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the tracer warns at every call
+        warnings.simplefilter("ignore")
+        converted = ov.convert_model(model.float().eval(), example_input=example, input=[(-1, *example.shape[1:])])
+    converted.inputs[0].get_tensor().set_names({"input"})
+    converted.outputs[0].get_tensor().set_names({"logits"})
+    return converted
+
+
+def save(converted: Any, info: dict[str, Any], path: Path) -> None:
+    converted.set_rt_info(json.dumps(info), [METADATA_KEY])
+    openvino().save_model(converted, str(path), compress_to_fp16=False)
+
+
+def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The model card stored in an OpenVINO IR written by imgrec."""
+    model = openvino().Core().read_model(str(path))
+    if not model.has_rt_info([METADATA_KEY]):
+        raise ValueError(f"{path} has no imgrec metadata: export it with `imgrec export --format openvino`")
+    return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+
+
+def compile_ir(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """The compiled model of an IR on the CPU, at f32 where it is not quantised."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return openvino().Core().compile_model(str(path), "CPU", config)
+
+
+class OpenVino(Backend):
+    name = "openvino"
+    file = "model.openvino.xml"
+    devices = ("cpu",)
+
+    def load(self, model: torch.nn.Module | None, device: torch.device, *, precision: str = "auto", path: str | os.PathLike | None = None,
+             threads: int | None = None) -> Forward:  # fmt: skip
+        self.check_device(device)
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(f"backend {self.name} needs {path or self.file}: make it with `imgrec export --format openvino` or `imgrec benchmark`")
+        compiled = compile_ir(path, threads)
+        request = compiled.create_infer_request()  # one request, reused: no allocation per call
+        return lambda x: torch.from_numpy(np.array(request.infer([x.float().cpu().contiguous().numpy()])[0]))
+
+    def export(self, model: torch.nn.Module, example: torch.Tensor, card: ModelCard, path: Path, *, calibration: torch.Tensor | None = None,
+               fp32: Path | None = None) -> None:  # fmt: skip
+        save(convert(model, example), metadata(card), path)
+
+
+class OpenVinoInt8(OpenVino):
+    name = "openvino-int8"
+    file = "model.int8.openvino.xml"
+    calibrates = True
+
+    def export(self, model: torch.nn.Module, example: torch.Tensor, card: ModelCard, path: Path, *, calibration: torch.Tensor | None = None,
+               fp32: Path | None = None) -> None:  # fmt: skip
+        if calibration is None:
+            raise ValueError("int8 quantisation needs calibration images")
+        quantized, kept = quantize_int8(convert(model, example), model, calibration)
+        save(quantized, metadata(card, quantization=QUANTIZATION, float_layers=kept), path)
+
+
+def quantize_int8(converted: Any, model: torch.nn.Module, calibration: torch.Tensor) -> tuple[Any, list[str]]:
+    """(the int8 model, the layers kept in floating point): NNCF's quantisation of ``converted``,
+    judged by top-1 agreement with ``model`` (eager fp32) on ``calibration``."""
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    with torch.inference_mode():
+        reference = torch.cat([model(batch) for batch in calibration.split(32)]).argmax(1).numpy()
+    images = calibration.numpy()
+    singles = nncf.Dataset([images[i : i + 1] for i in range(len(images))])  # statistics image by image
+    batches = nncf.Dataset([(images[i : i + 32], reference[i : i + 32]) for i in range(0, len(images), 32)], lambda item: item[0])
+
+    def agreement(compiled: Any, items: Any) -> float:
+        same = [int((np.asarray(compiled(x)[0]).argmax(1) == y).sum()) for x, y in items]
+        return sum(same) / len(reference)
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # NNCF's own progress bars
+        quantized = nncf.quantize_with_accuracy_control(
+            converted, singles, batches, agreement, max_drop=MAX_DROP, drop_type=nncf.DropType.ABSOLUTE,
+            subset_size=len(images),
+            advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(max_num_iterations=MAX_REVERTED),
+        )  # fmt: skip
+    return quantized, float_layers(converted, quantized)
+
+
+def float_layers(converted: Any, quantized: Any) -> list[str]:
+    """The convolutions and matrix products of ``converted`` that NNCF left in floating point in
+    ``quantized``: those whose weights are not int8 constants (or fake-quantised) there."""
+    weighted = {"Convolution", "GroupConvolution", "MatMul"}
+    names = {op.get_friendly_name() for op in converted.get_ops() if op.get_type_name() in weighted}
+    quantised = {op.get_friendly_name() for op in quantized.get_ops() if op.get_type_name() in weighted and int8_weights(op.input_value(1).get_node())}
+    return sorted(names - quantised)
+
+
+def int8_weights(node: Any, depth: int = 3) -> bool:
+    """Whether ``node`` (a layer's weights input) is, or is made within ``depth`` steps from, an int8
+    constant or a FakeQuantize (NNCF's int8 weights: Constant(i8) -> Convert -> Multiply)."""
+    if node.get_type_name() == "FakeQuantize" or (node.get_type_name() == "Constant" and node.get_output_element_type(0).get_type_name() in ("i8", "u8")):
+        return True
+    return depth > 0 and any(int8_weights(value.get_node(), depth - 1) for value in node.input_values())
+
+
+__all__ = ["MAX_DROP", "OpenVino", "OpenVinoInt8", "QUANTIZATION", "read_openvino_metadata"]

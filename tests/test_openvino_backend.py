@@ -1,0 +1,104 @@
+"""The OpenVINO backends: the fp32 IR computes what the eager model does at any batch size and
+carries the card; NNCF's int8 IR is quantised, agrees with the eager model, and reports the layers
+its accuracy control put back to floating point; predict, benchmark and serve run them like the others."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+from imgrec.card import ModelCard  # noqa: E402
+from imgrec.inference.backends import get_backend  # noqa: E402
+from imgrec.inference.backends import openvino as ov_backend  # noqa: E402
+from imgrec.inference.export import export, read_export_info  # noqa: E402
+from imgrec.models.directory import load_model_dir  # noqa: E402
+
+
+def test_the_openvino_ir_matches_the_eager_model_at_any_batch_size(run_dir, tmp_path):
+    path = tmp_path / "model.openvino.xml"
+    report = export(run_dir, "openvino", out=path)
+    assert report.images == 36 and report.max_abs_diff < 1e-4 and report.top1_agreement == 100.0
+    assert path.with_suffix(".bin").is_file()
+    card = ModelCard.read(run_dir)
+    assert ModelCard.from_dict(read_export_info(path)) == card  # inside the IR...
+    assert ModelCard.from_dict(json.loads((tmp_path / "model.openvino.xml.json").read_text())) == card  # ...and beside it
+    model, _ = load_model_dir(run_dir)
+    forward = get_backend("openvino").load(None, torch.device("cpu"), path=path, threads=1)
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            np.testing.assert_allclose(forward(x).numpy(), model(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_int8_ir_is_quantised_agrees_and_names_its_float_layers(run_dir, tmp_path):
+    import openvino as ov
+
+    fp32, int8 = tmp_path / "fp32.openvino.xml", tmp_path / "int8.openvino.xml"
+    export(run_dir, "openvino", out=fp32)
+    report = export(run_dir, "openvino", out=int8, int8=True, calibration_images=30)
+    assert report.int8 and report.top1_agreement >= 97.0 and report.max_abs_diff > 0
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(int8)).get_ops()}
+    assert "FakeQuantize" in ops
+    assert int8.with_suffix(".bin").stat().st_size < 0.5 * fp32.with_suffix(".bin").stat().st_size  # int8 weights
+    info = read_export_info(int8)
+    assert info["quantization"] == ov_backend.QUANTIZATION and info["float_layers"] == []  # this model loses nothing: all int8
+
+
+def test_the_accuracy_control_puts_the_costliest_layers_back_to_float(run_dir):
+    import nncf
+    import openvino as ov
+
+    model, _ = load_model_dir(run_dir)
+    model = model.float().eval()
+    # Noise images: the tiny model's logits are near ties there, so plain int8 flips some top-1s.
+    images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(images).argmax(1).numpy()
+    converted = ov_backend.convert(model, torch.zeros(2, 3, 32, 32))
+
+    def agreement(quantized) -> float:
+        compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return float((np.asarray(compiled(images.numpy())[0]).argmax(1) == reference).mean())
+
+    plain = nncf.quantize(converted, nncf.Dataset([images[i : i + 1].numpy() for i in range(48)]), subset_size=48)
+    assert agreement(plain) < 1 - ov_backend.MAX_DROP  # the premise: plain int8 loses more than allowed
+    controlled, kept = ov_backend.quantize_int8(converted, model, images)
+    layers = [op.get_friendly_name() for op in converted.get_ops() if op.get_type_name() in ("Convolution", "MatMul")]
+    assert 1 <= len(kept) < len(layers) and set(kept) <= set(layers)
+    assert agreement(controlled) >= 1 - ov_backend.MAX_DROP
+
+
+def test_float_layers_names_an_ignored_scope(run_dir):
+    import nncf
+
+    model, _ = load_model_dir(run_dir)
+    converted = ov_backend.convert(model.float().eval(), torch.zeros(2, 3, 32, 32))
+    first_conv = next(op.get_friendly_name() for op in converted.get_ops() if op.get_type_name() == "Convolution")
+    data = nncf.Dataset([np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32) for _ in range(8)])
+    quantized = nncf.quantize(converted, data, subset_size=8, ignored_scope=nncf.IgnoredScope(names=[first_conv]))
+    assert ov_backend.float_layers(converted, quantized) == [first_conv]
+
+
+def test_predict_and_the_benchmark_run_the_openvino_backends(run_dir, tmp_path):
+    import shutil
+
+    from imgrec.inference.benchmark import benchmark
+    from imgrec.inference.predict import load
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    results = {r.backend: r for r in benchmark(run, backends=("eager", "openvino", "openvino-int8"), batch=4, iterations=2, seconds=0.1, calibration_images=30)}
+    assert results["openvino"].top1_agreement == 100.0 and results["openvino"].images_per_s > 0
+    assert results["openvino-int8"].top1_agreement >= 97.0, results["openvino-int8"].note
+    assert (run / "model.openvino.xml").is_file() and (run / "model.int8.openvino.xml").is_file()
+    images = sorted((run_dir.parent / "data" / "val").rglob("*.jpg"))[:6]
+    eager = load(run, device="cpu", precision="fp32", backend=None).predict(images, topk=3)
+    ov = load(run, device="cpu", backend="openvino").predict(images, topk=3)
+    assert [p.labels for p in ov] == [p.labels for p in eager]
+    np.testing.assert_allclose([p.probs for p in ov], [p.probs for p in eager], atol=1e-5)
