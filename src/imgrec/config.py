@@ -210,6 +210,12 @@ class TrainConfig(LoopConfig):
     train_fraction: float = option(1.0, "train on this class-balanced fraction of the train images (0-1], chosen by --seed", bounds="(0, 1]")
     drop_path: float | None = option(None, "stochastic depth rate", bounds="[0, 1)")
     cache: bool | None = option(None, "decode the training images once into memory and augment them in batches on the device (default: when they fit)")
+    teacher: str | None = option(
+        None, "distil a trained classifier of the same classes into this model: an imgrec train run or hub weights of one (hf-hub:ORG/REPO)", metavar="RUN_OR_NAME"
+    )
+    kd_weight: float = option(0.5, "--teacher: the distillation term's weight; the cross-entropy with the labels gets 1 minus it", bounds="[0, 1]")
+    kd_temperature: float = option(2.0, "--teacher: softmax temperature of the teacher's and the student's logits in the distillation term", bounds="(0, inf)")
+    unlabelled: str | None = option(None, "--teacher: a folder of extra images without labels, learnt from the teacher's answers only", metavar="DIR")
 
     def __post_init__(self) -> None:
         super().__post_init__()

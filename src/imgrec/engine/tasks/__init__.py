@@ -23,6 +23,16 @@ METHODS = {
 }
 
 
+# Tasks a run becomes by its config (a classification run with a teacher is a distillation), by
+# name: imported on first use, so that the task they refine need not import them.
+VARIANTS = {"distill-classify": "imgrec.engine.tasks.kd:DistillClassifyTask"}
+
+
+def variant_class(name: str) -> Any:
+    module, _, cls = VARIANTS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def method_class(name: str) -> Any:
     """The ``SSLMethod`` subclass called ``name``."""
     if name not in METHODS:
@@ -31,4 +41,4 @@ def method_class(name: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["METHODS", "method_class"]
+__all__ = ["METHODS", "VARIANTS", "method_class", "variant_class"]

@@ -33,6 +33,7 @@ from imgrec.engine.checkpoint import snapshot
 from imgrec.engine.evaluate import classification_metrics, collect_logits
 from imgrec.engine.lr_find import RangeTest
 from imgrec.engine.progress import print_recipe
+from imgrec.engine.tasks import variant_class
 from imgrec.engine.tasks.base import Forward, OptimizerSettings, RunContext, Task
 from imgrec.engine.trainer import Trainer, run_task, start_or_resume
 from imgrec.hardware import DTYPES, autocast
@@ -73,6 +74,20 @@ class ClassifyTask(Task):
     config_class = TrainConfig
     no_data = "no training data: pass --data DATA (data=DATA in Python or YAML), a folder holding train/<class>/ and val/<class>/"
     batches_channels_last = True
+
+    def __new__(cls, config: TrainConfig, run: RunContext):
+        """A run with a ``teacher`` is a distillation (``imgrec.engine.tasks.kd``): the same task
+        with the teacher's soft targets, for a new run and a resumed one alike."""
+        if cls is ClassifyTask and config.teacher:
+            return super().__new__(variant_class("distill-classify"))
+        return super().__new__(cls)
+
+    @classmethod
+    def check(cls, config: TrainConfig) -> None:
+        if config.unlabelled and not config.teacher:
+            raise ValueError("--unlabelled images are learnt from a teacher's answers: pass --teacher RUN too (a trained classifier of the same classes)")
+        if config.teacher and cls is ClassifyTask:
+            variant_class("distill-classify").check(config)
 
     def __init__(self, config: TrainConfig, run: RunContext):
         self.config, self.run = config, run
