@@ -8,7 +8,8 @@ CPU plugin would otherwise pick bf16 where the CPU has it, and drift from the ea
 controlled. NNCF quantises the fp32 IR on the calibration images, then measures the quantised
 model's top-1 agreement with the fp32 network on the same images; while it loses more than
 ``MAX_DROP`` of it, the layers that cost the most are put back to floating point one by one (an
-ignored scope found by measurement). Which layers stayed in floating point is recorded in the
+ignored scope found by measurement; a model whose plain int8 loses no more than that is kept as it
+is, without the ranking's cost). Which layers stayed in floating point is recorded in the
 file's metadata beside the card. The card travels inside the IR (runtime info ``imgrec``).
 """
 
@@ -32,6 +33,7 @@ from imgrec.inference.backends.base import Backend, Forward, metadata
 METADATA_KEY = "imgrec"
 MAX_DROP = 0.01  # the quantised model may lose at most this fraction of top-1 agreement with the fp32 one
 MAX_REVERTED = 20  # layers NNCF may put back to floating point before it stops
+RANKING_IMAGES = 96  # images NNCF ranks the layers on (each layer's ranking runs the network over them)
 QUANTIZATION = "int8, NNCF post-training, accuracy-controlled"
 
 
@@ -46,8 +48,10 @@ def openvino() -> Any:
 def convert(model: torch.nn.Module, example: torch.Tensor) -> Any:
     """``model`` as an OpenVINO model taking any batch of ``example``'s image size."""
     ov = openvino()
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the tracer warns at every call
+    # The tracer records autograd ops: not in inference mode, nor on an inference tensor (a clone made outside is a normal one).
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
+        example = example.clone()
         converted = ov.convert_model(model.float().eval(), example_input=example, input=[(-1, *example.shape[1:])])
     converted.inputs[0].get_tensor().set_names({"input"})
     converted.outputs[0].get_tensor().set_names({"logits"})
@@ -109,7 +113,10 @@ class OpenVinoInt8(OpenVino):
 
 def quantize_int8(converted: Any, model: torch.nn.Module, calibration: torch.Tensor) -> tuple[Any, list[str]]:
     """(the int8 model, the layers kept in floating point): NNCF's quantisation of ``converted``,
-    judged by top-1 agreement with ``model`` (eager fp32) on ``calibration``."""
+    judged by top-1 agreement with ``model`` (eager fp32) on ``calibration``. The plain
+    quantisation is kept where it loses at most ``MAX_DROP`` of the agreement of the fp32 IR (the
+    common case: one pass of statistics); else NNCF's accuracy control ranks the layers on up to
+    ``RANKING_IMAGES`` of the images and reverts the costliest, at most ``MAX_REVERTED``."""
     import nncf
 
     nncf.set_log_level(logging.ERROR)
@@ -117,17 +124,25 @@ def quantize_int8(converted: Any, model: torch.nn.Module, calibration: torch.Ten
         reference = torch.cat([model(batch) for batch in calibration.split(32)]).argmax(1).numpy()
     images = calibration.numpy()
     singles = nncf.Dataset([images[i : i + 1] for i in range(len(images))])  # statistics image by image
-    batches = nncf.Dataset([(images[i : i + 32], reference[i : i + 32]) for i in range(0, len(images), 32)], lambda item: item[0])
+    batches = [(images[i : i + 32], reference[i : i + 32]) for i in range(0, len(images), 32)]
 
     def agreement(compiled: Any, items: Any) -> float:
-        same = [int((np.asarray(compiled(x)[0]).argmax(1) == y).sum()) for x, y in items]
-        return sum(same) / len(reference)
+        pairs = [(int((np.asarray(compiled(x)[0]).argmax(1) == y).sum()), len(y)) for x, y in items]
+        return sum(same for same, _ in pairs) / max(1, sum(count for _, count in pairs))
+
+    def measured(candidate: Any) -> float:
+        return agreement(openvino().Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), batches)
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # NNCF's own progress bars
+        plain = nncf.quantize(converted, singles, subset_size=len(images))
+        if measured(converted) - measured(plain) <= MAX_DROP:
+            return plain, []
         quantized = nncf.quantize_with_accuracy_control(
-            converted, singles, batches, agreement, max_drop=MAX_DROP, drop_type=nncf.DropType.ABSOLUTE,
+            converted, singles, nncf.Dataset(batches, lambda item: item[0]), agreement, max_drop=MAX_DROP, drop_type=nncf.DropType.ABSOLUTE,
             subset_size=len(images),
-            advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(max_num_iterations=MAX_REVERTED),
+            advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
+                max_num_iterations=MAX_REVERTED, ranking_subset_size=min(len(batches), max(1, RANKING_IMAGES // 32))  # counted in batches of 32
+            ),
         )  # fmt: skip
     return quantized, float_layers(converted, quantized)
 
