@@ -86,6 +86,10 @@ class DistillClassifyTask(ClassifyTask):
 
     @classmethod
     def check(cls, config: TrainConfig) -> None:
+        from imgrec.models.factory import is_weights_name
+
+        if not Path(config.teacher).exists() and not is_weights_name(config.teacher):
+            raise ValueError(f"--teacher {config.teacher} does not exist: pass a run directory of imgrec train (a classifier of the same classes), or hub weights of one (hf-hub:ORG/REPO)")
         if config.unlabelled and (config.mixup or config.cutmix):
             raise ValueError("--unlabelled images have no label to mix: leave --mixup and --cutmix off with --unlabelled")
         if config.unlabelled and config.balance:
