@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--no-pad-batches", action="store_true", help="serve with --no-pad-batches: the network at every batch size (to measure what padding does)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the server to be ready (--backend compile builds every batch shape first)")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args()
     if not 0 < args.seconds <= 600 or not 0 < args.clients <= 256:
@@ -163,7 +164,8 @@ def main() -> None:
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        deadline = time.monotonic() + args.ready_timeout
+        while time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
                     break
@@ -172,6 +174,8 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit(f"the server exited: {server.stdout.read()[-2000:]}")
             time.sleep(0.1)
+        else:
+            raise SystemExit(f"the server was not ready after {args.ready_timeout:.0f} s (--ready-timeout)")
         bad = malformed_requests(model, images[0], card.img_size)
         rss_ready = rss_mib(server.pid)
         asyncio.run(load(url, model, images, bad, args.warmup, args.clients, args.malformed, seed=1))

@@ -102,3 +102,25 @@ def test_predict_and_the_benchmark_run_the_openvino_backends(run_dir, tmp_path):
     ov = load(run, device="cpu", backend="openvino").predict(images, topk=3)
     assert [p.labels for p in ov] == [p.labels for p in eager]
     np.testing.assert_allclose([p.probs for p in ov], [p.probs for p in eager], atol=1e-5)
+
+
+def test_the_server_answers_with_the_openvino_backend(run_dir, tmp_path):
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from imgrec.inference.export import export
+    from imgrec.inference.predict import load
+    from imgrec.serve.app import create_app
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    export(run, "openvino")
+    image = sorted((run_dir.parent / "data" / "val").rglob("*.jpg"))[0]
+    expected = load(run, device="cpu", precision="fp32", backend=None).predict(image, topk=3)[0]
+    classifier = load(run, device="cpu", backend="openvino")
+    assert classifier.backend == "openvino"
+    with TestClient(create_app(classifier)) as client:
+        answer = client.post("/predict", content=image.read_bytes(), headers={"content-type": "image/jpeg"}).json()
+    assert [t["class"] for t in answer["top"]] == expected.labels
+    np.testing.assert_allclose([t["prob"] for t in answer["top"]], expected.probs, atol=1e-5)
