@@ -218,17 +218,25 @@ class ClassifyTask(Task):
             self.model.eval()  # frozen batch-norm statistics too: a true linear probe
             self.model.get_classifier().train()
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
+    def batch_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised inputs, targets) of a training batch on the device, mixed where mixup/cutmix is on."""
         device = self.run.device
         inputs, targets = batch
         inputs = self.train_normalize(inputs.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         if self.mixup is not None:
             inputs, targets = self.mixup(inputs, targets)
-        with autocast(device, self.run.precision):
+        return inputs, targets
+
+    def supervised_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against the labels (soft ones where mixup/cutmix made them)."""
+        return soft_cross_entropy(logits.float(), targets) if self.mixup is not None else self.criterion(logits.float(), targets)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
+        inputs, targets = self.batch_inputs(batch)
+        with autocast(self.run.device, self.run.precision):
             logits = forward(inputs)
-        loss = soft_cross_entropy(logits.float(), targets) if self.mixup is not None else self.criterion(logits.float(), targets)
-        return loss, inputs.shape[0]
+        return self.supervised_loss(logits, targets), inputs.shape[0]
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.ema is not None:

@@ -27,7 +27,7 @@ from torch import nn
 from imgrec.config import DataConfig, TrainConfig
 from imgrec.data.folder import iter_image_files
 from imgrec.engine.tasks.base import Forward, RunContext
-from imgrec.engine.tasks.classify import ClassifyTask, soft_cross_entropy
+from imgrec.engine.tasks.classify import ClassifyTask
 from imgrec.engine.tasks.distill import Renormalize
 from imgrec.hardware import autocast
 
@@ -117,23 +117,17 @@ class DistillClassifyTask(ClassifyTask):
             self.run.console.print(f"distillation: {len(files):,} unlabelled images from {self.config.unlabelled} join the {self.labelled_images:,} labelled ones", highlight=False)
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
-        device, config = self.run.device, self.config
-        inputs, targets = batch
-        inputs = self.train_normalize(inputs.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
-        if self.mixup is not None:
-            inputs, targets = self.mixup(inputs, targets)
-        with autocast(device, self.run.precision):
+        config = self.config
+        inputs, targets = self.batch_inputs(batch)
+        with autocast(self.run.device, self.run.precision):
             logits = forward(inputs)
             with torch.no_grad():
                 teacher = self.teacher(inputs)
         distill = kd_loss(logits, teacher, config.kd_temperature)
-        if self.mixup is not None:
-            supervised = soft_cross_entropy(logits.float(), targets)
-        elif bool((targets != UNLABELLED).any()):
-            supervised = self.criterion(logits.float(), targets)
-        else:  # a batch of unlabelled images only
-            supervised = logits.float().sum() * 0
+        if self.mixup is None and not bool((targets != UNLABELLED).any()):
+            supervised = logits.float().sum() * 0  # a batch of unlabelled images only
+        else:
+            supervised = self.supervised_loss(logits, targets)
         return (1 - config.kd_weight) * supervised + config.kd_weight * distill, inputs.shape[0]
 
     def card(self):
