@@ -103,6 +103,7 @@ def test_pretraining_small_batches_use_adamw_and_the_data_sized_batch(resnet18) 
     assert got["base_lr"] == RULES["pretrain_adamw"]["base_lr"] and got["weight_decay"] == RULES["pretrain_adamw"]["weight_decay"]
     assert got["warmup_epochs"] == 4.0
     assert got["scale"] == (0.25, 1.0)  # 32 px images: a crop keeps at least 16 px of the side, not SimCLR's 8%
+    assert got["crop_pct"] == 1.0  # evaluated whole, as a classifier of such images is: the backbone's card passes it to probes and fine-tuning
     lars = chosen(PretrainConfig(data="x", batch_size=1024, epochs=100), stats(1_281_167, 400), resnet18)
     assert "opt" not in lars and "base_lr" not in lars and lars["warmup_epochs"] == 10.0  # the paper's LARS, 10 warmup epochs
 

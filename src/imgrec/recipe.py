@@ -142,7 +142,9 @@ def small_scale(epochs: int) -> tuple[float, float]:
 def pick_image_size(
     stats: DataStats, architecture: dict[str, Any], given: dict[str, Any], card: ModelCard | None, crops: bool = True, epochs: int = 30
 ) -> list[Choice]:
-    """The input size (and, with ``crops``, the crop rules of small images in a run of ``epochs``) where neither the user nor the weights' card set them."""
+    """The input size, small images' evaluation whole (no centre crop: also what a pretrained
+    backbone's card passes on to its probes and fine-tuning) and, with ``crops``, their training
+    crops in a run of ``epochs``, where neither the user nor the weights' card set them."""
     stated = set(card.stated) if card is not None else set()
     if stats.short_side is None:
         return []
@@ -152,8 +154,8 @@ def pick_image_size(
         size = max(RULES["min_size"], 8 * round(stats.short_side / 8))
         why = f"the images' median shorter side is {stats.short_side} px" + (f" (at least {RULES['min_size']} px)" if size != stats.short_side else "")
         choices.append(Choice("img_size", size, f"{why}; the architecture's {default} px would enlarge them {default / stats.short_side:.1f}x"))
-    if crops and stats.short_side <= RULES["small_image"]:
-        if "scale" not in given:
+    if stats.short_side <= RULES["small_image"]:
+        if crops and "scale" not in given:
             scale = small_scale(epochs)
             why = f"images of {stats.short_side} px, {epochs} epochs: crops of at least {scale[0]:.0%} of the image"
             choices.append(Choice("scale", scale, why + (" (short runs underfit: whole images)" if scale[0] == 1.0 else "")))
