@@ -44,7 +44,7 @@ class ModelCard:
     weights: str | None = None  # which copy the file holds: "model" or "ema" (the better on validation)
     pretrained: str | None = None  # the weights the run started from (a file, a run or a name), None for a random start
     pretrained_source: dict[str, str] = field(default_factory=dict)  # those weights' name, file, SHA-256 (and hub repo, revision)
-    teacher: dict[str, str] = field(default_factory=dict)  # a distilled backbone's teacher: name, architecture, file, SHA-256
+    teacher: dict[str, str] = field(default_factory=dict)  # the teacher of distilled weights (a backbone, or a classifier trained with --teacher): name, architecture, file, SHA-256
     model_args: dict[str, Any] = field(default_factory=dict)  # a model class's constructor arguments
     method: str | None = None  # a backbone's self-supervised method
     feature_dim: int | None = None  # a backbone's pooled feature size
