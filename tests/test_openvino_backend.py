@@ -34,6 +34,15 @@ def test_the_openvino_ir_matches_the_eager_model_at_any_batch_size(run_dir, tmp_
         x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
             np.testing.assert_allclose(forward(x).numpy(), model(x).numpy(), atol=1e-4, rtol=1e-4)
+    # Called from several threads at once (a user's own server): each gets its own answers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(forward, inputs))
+    with torch.no_grad():
+        for x, got in zip(inputs, outputs):
+            np.testing.assert_allclose(got.numpy(), model(x).numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_the_int8_ir_is_quantised_agrees_and_names_its_float_layers(run_dir, tmp_path):

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,14 @@ class OpenVino(Backend):
         if path is None or not Path(path).is_file():
             raise FileNotFoundError(f"backend {self.name} needs {path or self.file}: make it with `imgrec export --format openvino` or `imgrec benchmark`")
         compiled = compile_ir(path, threads)
-        request = compiled.create_infer_request()  # one request, reused: no allocation per call
-        return lambda x: torch.from_numpy(np.array(request.infer([x.float().cpu().contiguous().numpy()])[0]))
+        local = threading.local()  # an inference request is not to be shared between threads: one per thread, reused
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(local, "request"):
+                local.request = compiled.create_infer_request()
+            return torch.from_numpy(np.array(local.request.infer([x.float().cpu().contiguous().numpy()])[0]))
+
+        return forward
 
     def export(self, model: torch.nn.Module, example: torch.Tensor, card: ModelCard, path: Path, *, calibration: torch.Tensor | None = None,
                fp32: Path | None = None) -> None:  # fmt: skip
