@@ -157,7 +157,7 @@ def test_a_batch_without_labels_is_the_distillation_term_alone(run_dir, tmp_path
     teacher, _ = load_model_dir(run_dir)
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
     task.run = SimpleNamespace(device=torch.device("cpu"), precision="fp32")
-    task.config = SimpleNamespace(kd_temperature=2.0, kd_weight=0.25)
+    task.config = SimpleNamespace(kd_temperature=2.0, kd_weight=0.25, unlabelled="some folder")
     task.train_normalize = torch.nn.Identity()
     task.mixup = None
     task.teacher = teacher
@@ -212,3 +212,25 @@ def test_a_changed_teacher_is_refused_on_resume(run_dir, tmp_path) -> None:
     save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(teacher / "model.safetensors"))
     with pytest.raises(ValueError, match="is not the one this run started with"):
         train(resume=str(out), epochs=2, console=quiet())
+
+
+def test_the_teacher_sees_the_batch_at_its_own_size_and_normalisation(run_dir) -> None:
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from imgrec.card import ModelCard
+    from imgrec.engine.tasks.kd import load_classifier_teacher
+    from imgrec.models.directory import load_model_dir
+
+    card = ModelCard.read(run_dir)
+    student_data = dataclasses.replace(card.data_config, img_size=48, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    teacher, source = load_classifier_teacher(str(run_dir), student_data, list(card.classes))
+    model, _ = load_model_dir(run_dir)
+    pixels = torch.rand(2, 3, 48, 48)
+    as_student = (pixels - 0.5) / 0.25
+    mean, std = torch.tensor(card.data_config.mean).view(1, 3, 1, 1), torch.tensor(card.data_config.std).view(1, 3, 1, 1)
+    as_teacher = F.interpolate((pixels - mean) / std, size=(card.img_size, card.img_size), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(as_student), model(as_teacher), rtol=1e-4, atol=1e-4)
+    assert source["architecture"] == card.architecture and not any(p.requires_grad for p in teacher.parameters())

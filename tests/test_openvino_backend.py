@@ -56,7 +56,7 @@ def test_the_int8_ir_is_quantised_agrees_and_names_its_float_layers(run_dir, tmp
     assert "FakeQuantize" in ops
     assert int8.with_suffix(".bin").stat().st_size < 0.5 * fp32.with_suffix(".bin").stat().st_size  # int8 weights
     info = read_export_info(int8)
-    assert info["quantization"] == ov_backend.QUANTIZATION and info["float_layers"] == []  # this model loses nothing: all int8
+    assert info["quantization"] == ov_backend.QUANTIZATION and info["float_layers"] == []  # plain int8 lost nothing here: no layer put back (the naming: next test)
 
 
 def test_the_accuracy_control_puts_the_costliest_layers_back_to_float(run_dir):
@@ -133,3 +133,28 @@ def test_the_server_answers_with_the_openvino_backend(run_dir, tmp_path):
         answer = client.post("/predict", content=image.read_bytes(), headers={"content-type": "image/jpeg"}).json()
     assert [t["class"] for t in answer["top"]] == expected.labels
     np.testing.assert_allclose([t["prob"] for t in answer["top"]], expected.probs, atol=1e-5)
+
+
+def test_openvino_mistakes_are_one_line_errors(run_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"a openvino export is a \.xml file"):
+        export(run_dir, "openvino", out=tmp_path / "model.ov")
+    path = tmp_path / "model.openvino.xml"
+    export(run_dir, "openvino", out=path)
+    path.with_suffix(".bin").unlink()
+    with pytest.raises(FileNotFoundError, match="and the .bin beside it"):
+        get_backend("openvino").load(None, torch.device("cpu"), path=path)
+    path.write_text("<net>not an IR</net>")
+    path.with_suffix(".bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="does not load in OpenVINO"):
+        get_backend("openvino").load(None, torch.device("cpu"), path=path)
+
+
+def test_a_benchmark_record_names_the_ir_and_its_weights(tmp_path):
+    from imgrec.inference.choice import backend_file_digest
+
+    xml, weights = tmp_path / "m.xml", tmp_path / "m.bin"
+    xml.write_text("<net/>")
+    weights.write_bytes(b"one")
+    first = backend_file_digest(xml)
+    weights.write_bytes(b"two")  # new weights, the same .xml
+    assert backend_file_digest(xml) != first

@@ -92,7 +92,7 @@ def add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=bounded(int, "[1, inf)"), default=50, help="batch-1 calls for the latency percentiles (default 50)")
     p.add_argument("--seconds", type=bounded(float, "(0, inf)"), default=10.0, help="seconds of batches for each throughput figure (default 10)")
     p.add_argument("--images", help="folder of images for the agreement check and int8 calibration (default: the run's val split)")
-    p.add_argument("--threads", type=bounded(int, "[1, inf)"), help="torch and onnxruntime threads (default: all cores)")
+    p.add_argument("--threads", type=bounded(int, "[1, inf)"), help="torch, onnxruntime and OpenVINO threads (default: all cores)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.set_defaults(handler=run_benchmark)
 
@@ -251,7 +251,7 @@ def run_export(args: argparse.Namespace) -> int:
     )  # fmt: skip
     kind = f"{report.format}{' int8' if report.int8 else ''}"
     console.print(
-        f"exported {kind}: {report.path} (+ {report.path.name}.json); against the eager model on {report.images} images: "
+        f"exported {kind}: {report.path} (+ {report.path.name}.json{', ' + report.path.with_suffix('.bin').name + ': the weights, keep it beside the .xml' if report.path.suffix == '.xml' else ''}); against the eager model on {report.images} images: "
         f"max |logit difference| {report.max_abs_diff:.3g}, top-1 agreement {report.top1_agreement:.2f}%",
         highlight=False,
     )

@@ -39,6 +39,16 @@ def default_backend(precision: str, device: torch.device) -> str:
     return "channels_last" if resolved == "fp32" else resolved
 
 
+def backend_file_digest(path: Path) -> str:
+    """SHA-256 of the file a backend runs from; for an OpenVINO IR, of the .xml and its .bin
+    (the weights are in the .bin: a re-export can leave the .xml as it was)."""
+    digest = file_sha256(path)
+    weights = path.with_suffix(".bin")
+    if path.suffix == ".xml" and weights.is_file():
+        digest = f"{digest}+{file_sha256(weights)}"
+    return digest
+
+
 def weights_digest(run: str | os.PathLike) -> str:
     """SHA-256 of RUN/model.safetensors: a benchmark applies to these weights only."""
     return file_sha256(Path(run) / MODEL_WEIGHTS)
@@ -62,7 +72,7 @@ def record_benchmark(run: str | os.PathLike, results: list[Any], batch: int) -> 
         row = dict(r.__dict__)
         file = backend_file(row["backend"])
         if file and (Path(run) / file).is_file():  # the very file measured
-            row["file_sha256"] = file_sha256(Path(run) / file)
+            row["file_sha256"] = backend_file_digest(Path(run) / file)
         rows.append(row)
     write_json(
         path,
@@ -111,7 +121,7 @@ def choose_backend(run: str | os.PathLike, device: torch.device, precision: str 
 
 def file_matches(path: Path, recorded: str | None) -> bool:
     """Whether ``path`` is the file the benchmark measured (a later export may have replaced it)."""
-    return path.is_file() and recorded is not None and file_sha256(path) == recorded
+    return path.is_file() and recorded is not None and backend_file_digest(path) == recorded
 
 
 __all__ = ["BENCHMARK_NAME", "MIN_AGREEMENT", "backend_file", "choose_backend", "cpu_name", "default_backend", "record_benchmark", "weights_digest"]

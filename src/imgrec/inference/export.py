@@ -92,6 +92,9 @@ def export(
     model = model.to(memory_format=torch.contiguous_format).float().eval()
     default = "model.torchscript.pt" if format == "torchscript" else backend_class(EXPORT_BACKENDS[format, int8]).file
     path = Path(out) if out is not None else run / default
+    wanted = {"onnx": ".onnx", "openvino": ".xml"}.get(format)
+    if wanted and path.suffix != wanted:
+        raise ValueError(f"--out {path}: a {format} export is a {wanted} file{' (its weights go beside it as .bin)' if format == 'openvino' else ''}: name it NAME{wanted}")
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = preprocess(card, parity_files(run, images, max_images + (calibration_images if int8 else 0), seed), console=console)
     checked = inputs[:max_images]

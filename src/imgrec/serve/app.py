@@ -223,7 +223,7 @@ class Server:
         async with self.changing:
             try:
                 classifier = await run_in_threadpool(self.loader, self.repository[name])
-                index, note = self.kept_index(name, classifier)
+                index, note = await run_in_threadpool(self.kept_index, name, classifier)  # hashes the weights: not on the event loop
                 fresh = ServedModel(name, classifier, self.config, self.metrics, self.repository[name], index)
                 await fresh.start()
             except Exception as exc:  # a model that does not load is reported; the others serve on

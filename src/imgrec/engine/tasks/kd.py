@@ -114,6 +114,8 @@ class DistillClassifyTask(ClassifyTask):
                 raise ValueError(f"--unlabelled {self.config.unlabelled}: no images there (a folder of image files, in any subfolders)")
             self.labelled_images = len(self.train_set.samples)
             self.train_set.samples.extend((str(path), UNLABELLED) for path in files)
+            # The recipe (batch, rate) and the cache's memory plan count every image read; the class figures stay the labelled ones'.
+            self.stats = dataclasses.replace(self.stats, images=len(self.train_set.samples))
             self.run.console.print(f"distillation: {len(files):,} unlabelled images from {self.config.unlabelled} join the {self.labelled_images:,} labelled ones", highlight=False)
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> tuple[torch.Tensor, int]:
@@ -124,7 +126,7 @@ class DistillClassifyTask(ClassifyTask):
             with torch.no_grad():
                 teacher = self.teacher(inputs)
         distill = kd_loss(logits, teacher, config.kd_temperature)
-        if self.mixup is None and not bool((targets != UNLABELLED).any()):
+        if config.unlabelled and self.mixup is None and not bool((targets != UNLABELLED).any()):  # (a host sync: only where there can be such batches)
             supervised = logits.float().sum() * 0  # a batch of unlabelled images only
         else:
             supervised = self.supervised_loss(logits, targets)
