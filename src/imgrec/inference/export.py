@@ -90,11 +90,7 @@ def export(
     run = Path(run)
     model, card = load_model_dir(run)
     model = model.to(memory_format=torch.contiguous_format).float().eval()
-    default = "model.torchscript.pt" if format == "torchscript" else backend_class(EXPORT_BACKENDS[format, int8]).file
-    path = Path(out) if out is not None else run / default
-    wanted = {"onnx": ".onnx", "openvino": ".xml"}.get(format)
-    if wanted and path.suffix != wanted:
-        raise ValueError(f"--out {path}: a {format} export is a {wanted} file{' (its weights go beside it as .bin)' if format == 'openvino' else ''}: name it NAME{wanted}")
+    path = export_path(run, format, int8, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = preprocess(card, parity_files(run, images, max_images + (calibration_images if int8 else 0), seed), console=console)
     checked = inputs[:max_images]
@@ -121,6 +117,16 @@ def export(
             f"The file is kept for inspection."
         )
     return report
+
+
+def export_path(run: Path, format: str, int8: bool, out: str | os.PathLike | None) -> Path:
+    """Where the export goes: ``out``, checked to be a file of the format, else RUN/<the backend's file>."""
+    default = "model.torchscript.pt" if format == "torchscript" else backend_class(EXPORT_BACKENDS[format, int8]).file
+    path = Path(out) if out is not None else run / default
+    wanted = {"onnx": ".onnx", "openvino": ".xml"}.get(format)
+    if wanted and path.suffix != wanted:
+        raise ValueError(f"--out {path}: a {format} export is a {wanted} file{' (its weights go beside it as .bin)' if format == 'openvino' else ''}: name it NAME{wanted}")
+    return path
 
 
 def write_export(
