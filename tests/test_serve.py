@@ -1014,3 +1014,21 @@ def test_a_padding_batcher_runs_few_shapes_and_drops_the_padding():
     results = run_batcher(scenario, forward=forward, max_batch=6, max_wait=0.0, pad=True)
     assert set(forward.sizes) <= {1, 2, 4, 6} and forward.sizes == [4, 1, 2, 6, 1, 6, 1]  # 7 images: a chunk of 6, then 1
     assert [r.tolist() for r in results] == [sums(i, n) for i, n in enumerate(counts)]
+
+
+def test_the_batcher_hands_free_heap_back_at_most_every_few_seconds(monkeypatch):
+    """glibc's malloc_trim runs on the inference thread once TRIM_SECONDS have passed since the last, not at every batch."""
+    from imgrec.serve import batcher as batcher_module
+
+    calls = []
+    monkeypatch.setattr(batcher_module, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    clock = iter(range(0, 1000, 2))  # each reading of the clock 2 s after the last
+    monkeypatch.setattr(batcher_module.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(batcher_module, "TRIM_SECONDS", 5.0)
+    forward = FakeForward()
+
+    async def scenario(batcher):
+        return [batcher._forward_chunks(rows(i, 1)) for i in range(6)]  # as the inference thread calls it, batch by batch
+
+    run_batcher(scenario, forward=forward, max_batch=4, max_wait=0.0)
+    assert calls and all(pad == 0 for pad in calls) and len(calls) < 6  # trimmed, but not after every batch

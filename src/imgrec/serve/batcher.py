@@ -7,17 +7,33 @@ Under load the queue fills while a batch runs, so the next batch forms without w
 alone, a request waits at most ``max_wait``. A request of more than ``max_batch`` images runs
 alone, in chunks of ``max_batch``. With ``pad``, the network runs only at batch sizes 1, 2, 4, ...
 ``max_batch``: a batch is padded with zeros up to the next size and its padding dropped from
-the answer (the rows of a network in eval mode do not see one another).
+the answer (the rows of a network in eval mode do not see one another). Every ``TRIM_SECONDS``
+the inference thread hands the C heap's free pages back to the system (glibc's ``malloc_trim``):
+a server that allocates and frees the same large buffers at every batch (bf16 autocast casts
+the weights at each call) otherwise keeps a growing heap it does not use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+
+TRIM_SECONDS = 5.0
+
+
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class DynamicBatcher:
@@ -39,6 +55,7 @@ class DynamicBatcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="imgrec-inference")
         self.task: asyncio.Task | None = None
         self.held: tuple[torch.Tensor, asyncio.Future] | None = None  # a request that did not fit the last batch
+        self.trim, self.trimmed_at = _malloc_trim(), time.monotonic()
 
     async def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -92,6 +109,9 @@ class DynamicBatcher:
             if size > rows:  # a few shapes only: the kernels' caches (oneDNN's per shape) stop growing
                 chunk = torch.cat([chunk, chunk.new_zeros((size - rows, *chunk.shape[1:]))])
             outputs.append(self.forward(chunk)[:rows])
+        if self.trim is not None and time.monotonic() - self.trimmed_at > TRIM_SECONDS:
+            self.trim(0)
+            self.trimmed_at = time.monotonic()
         return torch.cat(outputs)
 
     async def _run(self) -> None:
