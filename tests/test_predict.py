@@ -461,3 +461,24 @@ def test_evaluate_leaves_bad_files_out_and_lists_them(tmp_path: Path, trained, v
     with pytest.raises(imgrec.DatasetError):
         imgrec.evaluate(run, val, precision="fp32", workers=0, max_bad_fraction=0.1)
     assert set(Path(tempfile.gettempdir()).glob("imgrec-skipped-*")) == before
+
+
+def test_the_bf16_backend_casts_its_own_copy_of_the_weights_once(run_dir):
+    """The bf16 forward runs on a copy whose convolutions and linear layers hold bf16 weights (no
+    cast at every call); the classifier's own model stays float32 for explanations and search."""
+    import torch
+
+    from imgrec.inference.backends.pytorch import torch_forward
+    from imgrec.inference.predict import load
+
+    classifier = load(run_dir, device="cpu", backend="bf16")
+    assert all(p.dtype == torch.float32 for p in classifier.model.parameters())
+    model = classifier.model
+    forward = torch_forward(model, torch.device("cpu"), "bf16")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.float()(x)
+    torch.testing.assert_close(forward(x), reference, atol=0.15, rtol=0.05)
+    inner = getattr(forward, "__wrapped__", forward)  # under torch.inference_mode's wrapper
+    (cell,) = [c.cell_contents for c in inner.__closure__ if isinstance(c.cell_contents, torch.nn.Module) and c.cell_contents is not model]
+    assert {p.dtype for m in cell.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for p in m.parameters()} == {torch.bfloat16}

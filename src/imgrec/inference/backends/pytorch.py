@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import ClassVar
 
@@ -20,6 +21,10 @@ def torch_forward(model: torch.nn.Module, device: torch.device, precision: str, 
     """``model`` (moved to ``device`` and, if asked, to channels_last memory in place) as a Forward."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.eval().to(device, memory_format=memory_format)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is not None:  # on a copy: the caller's model stays float32 (explanations and search run it without autocast)
+        model = copy.deepcopy(model)
+        cast_weights(model, half)
     call = torch.compile(model) if compiled else model
 
     @torch.inference_mode()
@@ -29,6 +34,15 @@ def torch_forward(model: torch.nn.Module, device: torch.device, precision: str, 
             return call(x).float().cpu()
 
     return forward
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The convolutions' and linear layers' parameters in ``dtype`` once, in place: autocast runs
+    these layers in it anyway, and casting their weights again at every call allocated a new copy
+    each time (a ten-minute bf16 server grew 12.9%). The other layers keep float32 parameters."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+            module.to(dtype)
 
 
 class PyTorchBackend(Backend):
