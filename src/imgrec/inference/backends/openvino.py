@@ -100,9 +100,9 @@ class OpenVino(Backend):
         local = threading.local()  # an inference request is not to be shared between threads: one per thread, reused
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if not hasattr(local, "request"):
-                local.request = compiled.create_infer_request()
-            return torch.from_numpy(np.array(local.request.infer([x.float().cpu().contiguous().numpy()])[0]))
+            if not hasattr(local, "held"):  # the request with its compiled model: however they are freed, the model outlives the request
+                local.held = (compiled, compiled.create_infer_request())
+            return torch.from_numpy(np.array(local.held[1].infer([x.float().cpu().contiguous().numpy()])[0]))
 
         return forward
 
