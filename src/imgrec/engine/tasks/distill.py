@@ -88,15 +88,37 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return regression_loss(student, teacher)
 
 
+def locate_teacher(spec: str) -> Any:
+    """The weights ``--teacher spec`` names (a run, a file, hub weights), errors prefixed with the flag."""
+    from imgrec.models.factory import WeightsError, locate_weights
+
+    try:
+        return locate_weights(spec)
+    except WeightsError as exc:
+        raise WeightsError(f"--teacher: {exc}") from None
+
+
+def teacher_data(student_data: DataConfig, card: Any) -> DataConfig:
+    """The student's preprocessing with the teacher's mean and std, where its card states them."""
+    return dataclasses.replace(student_data, **{k: getattr(card.data_config, k) for k in ("mean", "std") if k in card.stated})
+
+
+def check_same_teacher(spec: str, recorded: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume with another teacher than the run's checkpoint ``recorded`` (SHA-256 of the weights)."""
+    recorded = dict(recorded or {})
+    if recorded.get("sha256") != current.get("sha256"):
+        raise ValueError(
+            f"the teacher {spec} is not the one this run started with (SHA-256 {current.get('sha256', '-')[:12]}, "
+            f"recorded {recorded.get('sha256', '-')[:12]}): put its weights back ({recorded.get('file', '?')}) to resume exactly"
+        )
+
+
 def load_teacher(spec: str, student_data: DataConfig) -> tuple[nn.Module, int, dict[str, Any]]:
     """(the teacher: its input renormalised from the student's preprocessing to its own, then its
     pooled features; its width; where its weights came from) for a weights name or a run."""
-    from imgrec.models.factory import WeightsError, create_model, locate_weights
+    from imgrec.models.factory import WeightsError, create_model
 
-    try:
-        weights = locate_weights(spec)
-    except WeightsError as exc:
-        raise WeightsError(f"--teacher: {exc}") from None
+    weights = locate_teacher(spec)
     if weights.card is None:
         raise WeightsError(
             f"--teacher {spec}: a bare weights file does not say its architecture: pass a run directory "
@@ -104,10 +126,9 @@ def load_teacher(spec: str, student_data: DataConfig) -> tuple[nn.Module, int, d
         )
     card = weights.card
     model = create_model(card.architecture, num_classes=0, pretrained=weights, model_args=card.model_args or None)
-    teacher_data = dataclasses.replace(student_data, **{k: getattr(card.data_config, k) for k in ("mean", "std") if k in card.stated})
-    teacher = nn.Sequential(Renormalize(student_data, teacher_data), model)
+    teacher = nn.Sequential(Renormalize(student_data, teacher_data(student_data, card)), model)
     source = {**weights.source, "architecture": card.architecture}
     return teacher, pooled_width(model), source
 
 
-__all__ = ["Distill", "Renormalize", "distill_loss", "load_teacher"]
+__all__ = ["Distill", "Renormalize", "check_same_teacher", "distill_loss", "load_teacher", "locate_teacher", "teacher_data"]

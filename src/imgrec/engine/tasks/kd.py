@@ -28,7 +28,7 @@ from imgrec.config import DataConfig, TrainConfig
 from imgrec.data.folder import iter_image_files
 from imgrec.engine.tasks.base import Forward, RunContext
 from imgrec.engine.tasks.classify import ClassifyTask
-from imgrec.engine.tasks.distill import Renormalize
+from imgrec.engine.tasks.distill import Renormalize, check_same_teacher, locate_teacher, teacher_data
 from imgrec.hardware import autocast
 
 UNLABELLED = -1  # the label of an --unlabelled image: cross-entropy ignores it
@@ -55,12 +55,9 @@ class Resize(nn.Module):
 def load_classifier_teacher(spec: str, student_data: DataConfig, classes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
     """(the teacher: the student's normalised batch to its own preprocessing, then its logits; where
     its weights came from) for a run directory or hub weights of a classifier with ``classes``."""
-    from imgrec.models.factory import WeightsError, create_model, locate_weights
+    from imgrec.models.factory import WeightsError, create_model
 
-    try:
-        weights = locate_weights(spec)
-    except WeightsError as exc:
-        raise WeightsError(f"--teacher: {exc}") from None
+    weights = locate_teacher(spec)
     card = weights.card
     if card is None or not card.classes:
         raise WeightsError(
@@ -74,9 +71,8 @@ def load_classifier_teacher(spec: str, student_data: DataConfig, classes: list[s
             f"not this data's {len(classes)} ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): distil from a teacher trained on the same classes"
         )
     model = create_model(card.architecture, num_classes=len(card.classes), pretrained=weights, model_args=card.model_args or None)
-    teacher_data = dataclasses.replace(student_data, **{k: getattr(card.data_config, k) for k in ("mean", "std") if k in card.stated})
     size = card.data_config.img_size if "img_size" in card.stated else student_data.img_size
-    teacher = nn.Sequential(Renormalize(student_data, teacher_data), Resize(size), model).eval()
+    teacher = nn.Sequential(Renormalize(student_data, teacher_data(student_data, card)), Resize(size), model).eval()
     teacher.requires_grad_(False)
     return teacher, {**weights.source, "architecture": card.architecture}
 
@@ -141,12 +137,7 @@ class DistillClassifyTask(ClassifyTask):
         return {**super().state_dict(), "teacher_source": self.teacher_source}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        recorded = dict(checkpoint.get("teacher_source") or {})
-        if recorded.get("sha256") != self.teacher_source.get("sha256"):
-            raise ValueError(
-                f"the teacher {self.config.teacher} is not the one this run started with (SHA-256 {recorded.get('sha256', '-')[:12]}, "
-                f"now {self.teacher_source.get('sha256', '-')[:12]}): resume with the same teacher, or start a new run"
-            )
+        check_same_teacher(self.config.teacher, checkpoint.get("teacher_source"), self.teacher_source)
         super().load_state_dict(checkpoint)
 
     def start_line(self, batch: str, lr: float) -> str:

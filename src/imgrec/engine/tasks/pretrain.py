@@ -230,12 +230,9 @@ class PretrainTask(Task):
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_state_dict(checkpoint["model"])
         self.pretrained_source = dict(checkpoint.get("pretrained_source") or {})
-        recorded = dict(checkpoint.get("teacher_source") or {})
-        if recorded.get("sha256") != self.teacher_source.get("sha256"):
-            raise ValueError(
-                f"the teacher {self.config.teacher} is not the one this run started with (SHA-256 {self.teacher_source.get('sha256', '-')[:12]}, "
-                f"recorded {recorded.get('sha256', '-')[:12]}): put its weights back ({recorded.get('file', '?')}) to resume exactly"
-            )
+        from imgrec.engine.tasks.distill import check_same_teacher
+
+        check_same_teacher(self.config.teacher, checkpoint.get("teacher_source"), self.teacher_source)
 
     def start_line(self, batch: str, lr: float) -> str:
         config, run = self.config, self.run
