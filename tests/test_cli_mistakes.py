@@ -51,6 +51,7 @@ MISTAKES = [
     ("train --data {data} --kd-weight 1.5 --teacher {run} --out {tmp}/r", ["--kd-weight", "[0, 1]", "1.5"]),
     ("train --data {data} --kd-temperature 0 --teacher {run} --out {tmp}/r", ["--kd-temperature", "above 0"]),
     ("train --data {data} --unlabelled {tmp} --out {tmp}/r", ["--unlabelled", "--teacher RUN"]),
+    ("train --data {data} --kd-weight 0.7 --out {tmp}/r", ["--kd-weight 0.7", "--teacher RUN"]),
     ("train --data {data} --teacher {tmp}/noteacher --out {tmp}/r", ["--teacher", "noteacher does not exist"]),
     ("train --data {tmp}/nothere --out {tmp}/r", ["nothere does not exist", "train/<class>"]),
     ("train --data {data} --model nosuchnet --out {tmp}/r", ["unknown model 'nosuchnet'", "imgrec models"]),

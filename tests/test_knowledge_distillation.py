@@ -183,6 +183,10 @@ def test_teacher_mistakes_are_refused(run_dir, tmp_path) -> None:
     common = dict(data=data, model="test_resnet", epochs=1, batch_size=8, device="cpu", workers=0, tensorboard=False, console=quiet())
     with pytest.raises(ValueError, match="--unlabelled images are learnt from a teacher"):
         train(out=str(tmp_path / "a"), unlabelled=str(tmp_path), **common)
+    with pytest.raises(ValueError, match="--kd-weight 0.8 set the distillation term, which needs a teacher"):
+        train(out=str(tmp_path / "a"), kd_weight=0.8, **common)
+    with pytest.raises(ValueError, match="--kd-temperature 4 set the distillation term"):
+        train(out=str(tmp_path / "a"), kd_temperature=4.0, **common)
     other = tmp_path / "other_classes"
     shutil.copytree(run_dir, other)
     card = json.loads((other / "model.json").read_text())

@@ -86,6 +86,11 @@ class ClassifyTask(Task):
     def check(cls, config: TrainConfig) -> None:
         if config.unlabelled and not config.teacher:
             raise ValueError("--unlabelled images are learnt from a teacher's answers: pass --teacher RUN too (a trained classifier of the same classes)")
+        if not config.teacher:
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+            given = [f"--{name.replace('_', '-')} {getattr(config, name):g}" for name in ("kd_weight", "kd_temperature") if getattr(config, name) != defaults[name]]
+            if given:
+                raise ValueError(f"{' and '.join(given)} set the distillation term, which needs a teacher: pass --teacher RUN too, or leave them out")
         if config.teacher and cls is ClassifyTask:
             variant_class("distill-classify").check(config)
 

@@ -40,6 +40,15 @@ class Backend:
             where = " or ".join(self.devices)
             raise ValueError(f"backend {self.name} runs on {where} only, not {device}: use --device {self.devices[0]}, or another --backend on {device}")
 
+    def require_file(self, path: str | os.PathLike | None, *, beside: tuple[str, ...] = (), made_by: str = "`imgrec export` or `imgrec benchmark`") -> Path:
+        """``path`` as a Path where it (and its ``beside`` files: the same name with these
+        suffixes) exists, else a FileNotFoundError naming what is missing and how it is made."""
+        found = path is not None and Path(path).is_file() and all(Path(path).with_suffix(s).is_file() for s in beside)
+        if not found:
+            also = "".join(f" and the {s} beside it" for s in beside)
+            raise FileNotFoundError(f"backend {self.name} needs {path or self.file}{also}: make {'them' if beside else 'it'} with {made_by}")
+        return Path(path)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 

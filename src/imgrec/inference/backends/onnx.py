@@ -67,9 +67,7 @@ class Onnx(Backend):
     def load(self, model: torch.nn.Module | None, device: torch.device, *, precision: str = "auto", path: str | os.PathLike | None = None,
              threads: int | None = None) -> Forward:  # fmt: skip
         self.check_device(device)
-        if path is None or not Path(path).is_file():
-            raise FileNotFoundError(f"backend {self.name} needs {path or self.file}: make it with `imgrec export` or `imgrec benchmark`")
-        session = onnx_session(path, threads)
+        session = onnx_session(self.require_file(path), threads)
         return lambda x: torch.from_numpy(session.run(None, {"input": x.float().cpu().contiguous().numpy()})[0])
 
     def export(self, model: torch.nn.Module, example: torch.Tensor, card: ModelCard, path: Path, *, calibration: torch.Tensor | None = None,

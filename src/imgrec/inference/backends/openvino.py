@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -61,8 +62,15 @@ def convert(model: torch.nn.Module, example: torch.Tensor) -> Any:
 
 
 def save(converted: Any, info: dict[str, Any], path: Path) -> None:
+    """Write the IR (``path`` and the .bin beside it) into a temporary folder beside it, then move
+    each file over its name, the weights first: a crash mid-write leaves the files there were."""
     converted.set_rt_info(json.dumps(info), [METADATA_KEY])
-    openvino().save_model(converted, str(path), compress_to_fp16=False)
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as folder:
+        staged = Path(folder) / path.name
+        openvino().save_model(converted, str(staged), compress_to_fp16=False)
+        for suffix in (".bin", ".xml"):
+            os.replace(staged.with_suffix(suffix), path.with_suffix(suffix))
 
 
 def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -89,10 +97,7 @@ class OpenVino(Backend):
     def load(self, model: torch.nn.Module | None, device: torch.device, *, precision: str = "auto", path: str | os.PathLike | None = None,
              threads: int | None = None) -> Forward:  # fmt: skip
         self.check_device(device)
-        if path is None or not Path(path).is_file() or not Path(path).with_suffix(".bin").is_file():
-            raise FileNotFoundError(
-                f"backend {self.name} needs {path or self.file} and the .bin beside it: make them with `imgrec export --format openvino` or `imgrec benchmark`"
-            )
+        path = self.require_file(path, beside=(".bin",), made_by="`imgrec export --format openvino` or `imgrec benchmark`")
         try:
             compiled = compile_ir(path, threads)
         except RuntimeError as exc:  # a damaged or foreign IR: OpenVINO's message, as a user's error
