@@ -88,40 +88,49 @@ def run_once(run: Path, epochs: int, start, console: Console, *, resume=pretrain
     return round(time.perf_counter() - t0, 1)
 
 
+REAL_ROWS = (*REAL_METHODS, "continued", "distill")  # --rows: the methods, continued pretraining, the two distillation rows
+
+
 def small_real(args: argparse.Namespace, console: Console) -> None:
-    """The small-real-data table: every start on every ``--real`` dataset."""
+    """The small-real-data table: every start (of ``--rows``) on every ``--real`` dataset."""
     out, model, epochs = Path(args.out), args.model, args.pretrain_epochs
-    other = Path(args.other)
+    rows = set(args.rows)
     seconds: dict[str, float] = {}
     # Weights made on another dataset: the benchmark's architecture (continued pretraining starts
     # from them) and a larger teacher (distilled from), both supervised with imgrec's defaults.
     weights, teacher = out / f"other-{model}", out / "other-teacher-resnet18"
-    for run, arch in ((weights, model), (teacher, "resnet18")):
-        seconds[run.name] = run_once(run, epochs, lambda run=run, arch=arch: train(data=str(other), model=arch, out=str(run), epochs=epochs, tensorboard=False, console=console), console, resume=train)
+    other_runs = [(run, arch) for run, arch, row in ((weights, model, "continued"), (teacher, "resnet18", "distill")) if row in rows]
+    for run, arch in other_runs:
+        seconds[run.name] = run_once(run, epochs, lambda run=run, arch=arch: train(data=args.other, model=arch, out=str(run), epochs=epochs, tensorboard=False, console=console), console, resume=train)
     results: dict[str, dict] = {}
     for spec in args.real:
         name, _, rest = spec.partition("=")
         root, _, size = rest.partition("@")
         image = {"img_size": int(size)} if size else {}
         base = out / name
-        starts = {"random": f"random:{model}", f"weights from {other.name}": str(weights), f"teacher {teacher.name}": str(teacher)}
+        starts = {"random": f"random:{model}"}
         common = {"data": root, "model": model, "epochs": epochs, "knn_every": 0, "tensorboard": False, "console": console, "data_config": image}
-        plans = {m: {"method": m} for m in REAL_METHODS}
-        plans["dino, continued"] = {"method": "dino", "pretrained": str(weights)}
-        plans["distill"] = {"method": "distill", "teacher": str(teacher)}
-        # The deployment case: a larger model pretrained on the same images, distilled into the small one.
-        big = base / "teacher-resnet18-simclr"
-        seconds[f"{name}/teacher resnet18 simclr here"] = run_once(
-            big, epochs, lambda big=big, common=common: pretrain(out=str(big), **{**common, "model": "resnet18"}, method="simclr"), console
-        )
-        starts["teacher resnet18 simclr here"] = str(big)
-        plans["distill from it"] = {"method": "distill", "teacher": str(big)}
+        plans = {m: {"method": m} for m in REAL_METHODS if m in rows}
+        if "continued" in rows:
+            starts[f"weights from {Path(args.other).name}"] = str(weights)
+            plans["dino, continued"] = {"method": "dino", "pretrained": str(weights)}
+        if "distill" in rows:
+            starts[f"teacher {teacher.name}"] = str(teacher)
+            plans["distill"] = {"method": "distill", "teacher": str(teacher)}
+            # The deployment case: a larger model pretrained on the same images, distilled into the small one.
+            big = base / "teacher-resnet18-simclr"
+            seconds[f"{name}/teacher resnet18 simclr here"] = run_once(
+                big, epochs, lambda big=big, common=common: pretrain(out=str(big), **{**common, "model": "resnet18"}, method="simclr"), console
+            )
+            starts["teacher resnet18 simclr here"] = str(big)
+            plans["distill from it"] = {"method": "distill", "teacher": str(big)}
         for label, plan in plans.items():
             run = base / ("pretrain-" + label.replace(", ", "-").replace(" ", "-"))
             seconds[f"{name}/{label}"] = run_once(run, epochs, lambda run=run, plan=plan, common=common: pretrain(out=str(run), **common, **plan), console)
             starts[label] = str(run)
         # Probes see what each start was trained at; random init and the other weights get the benchmark's size.
-        probe_config = {"crop_pct": 1.0, **image} if image else {"crop_pct": 1.0, "img_size": train_size(Path(starts["simclr"]))}
+        first = next(Path(starts[m]) for m in REAL_METHODS if m in starts)
+        probe_config = {"crop_pct": 1.0, **image} if image else {"crop_pct": 1.0, "img_size": train_size(first)}
         table = {}
         for label, start in starts.items():
             row = {kind: probe(start, root, method=kind, data_config=probe_config, cache=base / "features")["top1"] for kind in ("linear", "knn")}
@@ -164,12 +173,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="label draws for fine-tuning (median reported)")
     parser.add_argument("--real", nargs="+", metavar="NAME=ROOT[@SIZE]", help="the small-real-data table on these datasets instead")
     parser.add_argument("--other", help="--real: the dataset the 'other' weights and the distillation teacher are trained on")
+    parser.add_argument("--rows", nargs="+", choices=REAL_ROWS, default=list(REAL_ROWS), help="--real: the rows to run (default all; continued and distill need --other)")
     args = parser.parse_args()
 
     console = Console(soft_wrap=True)
     if args.real:
-        if not args.other:
-            parser.error("--real needs --other ROOT (the dataset other weights are trained on)")
+        if not args.other and {"continued", "distill"} & set(args.rows):
+            parser.error("--rows continued and distill need --other ROOT (the dataset other weights are trained on)")
         small_real(args, console)
         return
     out = Path(args.out)

@@ -104,6 +104,11 @@ def test_pretraining_small_batches_use_adamw_and_the_data_sized_batch(resnet18) 
     assert got["warmup_epochs"] == 4.0
     assert got["scale"] == (0.25, 1.0)  # 32 px images: a crop keeps at least 16 px of the side, not SimCLR's 8%
     assert got["crop_pct"] == 1.0  # evaluated whole, as a classifier of such images is: the backbone's card passes it to probes and fine-tuning
+    assert got["img_size"] == RULES["pretrain_min_size"] == 64  # pretraining feeds small images at 64 px, not the classifier's 32
+    assert "to pretrain on" in got["reasons"]["img_size"]
+    assert chosen(TrainConfig(data="x", epochs=40), stats(360, 32), resnet18)["img_size"] == 32  # a classifier of them: 32 px
+    assert "img_size" not in chosen(PretrainConfig(data="x", epochs=40, data_config={"img_size": 40}), stats(360, 32), resnet18, method=method_class("simclr"))
+    assert chosen(PretrainConfig(data="x", epochs=40), stats(360, 96), resnet18, method=method_class("simclr"))["img_size"] == 96  # larger images: their own size
     lars = chosen(PretrainConfig(data="x", batch_size=1024, epochs=100), stats(1_281_167, 400), resnet18)
     assert "opt" not in lars and "base_lr" not in lars and lars["warmup_epochs"] == 10.0  # the paper's LARS, 10 warmup epochs
 

@@ -400,8 +400,9 @@ def test_dino_pretrains_a_vit_on_global_and_local_views_of_two_sizes(tiny_shapes
 
 
 def test_recipe_takes_two_local_views_where_they_cannot_be_smaller():
-    small = recipe(PretrainConfig(data="x", method="dino", epochs=20), 3200, 28)  # 32 px inputs: locals of 32 px too
+    small = recipe(PretrainConfig(data="x", method="dino", epochs=20, data_config={"img_size": 32}), 3200, 28)  # 32 px inputs: locals of 32 px too
     assert small["local_crops"] == RULES["same_size_local_crops"] and "cost what global ones do" in small["why"]["local_crops"]
     assert "local_crops" not in recipe(PretrainConfig(data="x", method="dino", epochs=20), 960, 150)  # 144 px: 64 px locals
+    assert "local_crops" not in recipe(PretrainConfig(data="x", method="dino", epochs=20), 3200, 28)  # pretrained at 64 px: 32 px locals
     assert "local_crops" not in recipe(PretrainConfig(data="x", method="dino", epochs=20, local_crops=6), 3200, 28)
     assert "local_crops" not in recipe(PretrainConfig(data="x", method="byol", epochs=20), 3200, 28)

@@ -99,6 +99,7 @@ RULES: dict[str, Any] = {
     "pretrain_warmup_fraction": 0.1,  # self-supervised runs: the papers' 10 of 100 epochs...
     "pretrain_warmup_max": 10.0,  # ...at most 10
     "min_size": 32,  # smallest input the recipe picks: five stride-2 stages need it
+    "pretrain_min_size": 64,  # ...and for self-supervised pretraining (its features need more than the 1x1 last stage of 32 px inputs)
     "small_image": 64,  # images whose shorter side is at most this (scans, thumbnails): the crop rules below
     "small_scale": ((8, 1.0), (30, 0.6)),  # RandomResizedCrop's smallest area for them, by the run's epochs: (epochs, area)
     # points measured; linear between them, flat outside. Short runs underfit and want whole images; a crop of 8% of a 32 px image keeps nothing
@@ -140,19 +141,22 @@ def small_scale(epochs: int) -> tuple[float, float]:
 
 
 def pick_image_size(
-    stats: DataStats, architecture: dict[str, Any], given: dict[str, Any], card: ModelCard | None, crops: bool = True, epochs: int = 30
+    stats: DataStats, architecture: dict[str, Any], given: dict[str, Any], card: ModelCard | None, crops: bool = True, epochs: int = 30,
+    least: int | None = None,
 ) -> list[Choice]:
-    """The input size, small images' evaluation whole (no centre crop: also what a pretrained
-    backbone's card passes on to its probes and fine-tuning) and, with ``crops``, their training
-    crops in a run of ``epochs``, where neither the user nor the weights' card set them."""
+    """The input size (at least ``least`` px, default ``RULES["min_size"]``), small images'
+    evaluation whole (no centre crop: also what a pretrained backbone's card passes on to its
+    probes and fine-tuning) and, with ``crops``, their training crops in a run of ``epochs``,
+    where neither the user nor the weights' card set them."""
+    least = least or RULES["min_size"]
     stated = set(card.stated) if card is not None else set()
     if stats.short_side is None:
         return []
     choices = []
     default = architecture["img_size"]
     if "img_size" not in given and "img_size" not in stated and stats.short_side < default:
-        size = max(RULES["min_size"], 8 * round(stats.short_side / 8))
-        why = f"the images' median shorter side is {stats.short_side} px" + (f" (at least {RULES['min_size']} px)" if size != stats.short_side else "")
+        size = min(default, max(least, 8 * round(stats.short_side / 8)))
+        why = f"the images' median shorter side is {stats.short_side} px" + (f" (at least {least} px{' to pretrain on' if least != RULES['min_size'] else ''})" if size != stats.short_side else "")
         choices.append(Choice("img_size", size, f"{why}; the architecture's {default} px would enlarge them {default / stats.short_side:.1f}x"))
     if stats.short_side <= RULES["small_image"]:
         if crops and "scale" not in given:
@@ -208,7 +212,8 @@ def resolve_recipe(
     pretraining = isinstance(config, PretrainConfig)
     choices += pick_pretrain_optimizer(config, batch) if pretraining else pick_base_lr(config, stats, batch, finetune)
     choices += pick_warmup(config, finetune)
-    choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining, epochs=config.epochs)
+    least = RULES["pretrain_min_size"] if pretraining else None
+    choices += pick_image_size(stats, architecture_preprocessing(model), config.data_config, card, crops=not pretraining, epochs=config.epochs, least=least)
     if pretraining and method is not None:
         choices += pick_pretrain_method_settings(config, method, stats, batch, choices, card)
     choices += pick_flip(stats, config.data_config)
