@@ -129,8 +129,7 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
             seconds[f"{name}/{label}"] = run_once(run, epochs, lambda run=run, plan=plan, common=common: pretrain(out=str(run), **common, **plan), console)
             starts[label] = str(run)
         # Probes see what each start was trained at; random init and the other weights get the benchmark's size.
-        first = next(Path(starts[m]) for m in REAL_METHODS if m in starts)
-        probe_config = {"crop_pct": 1.0, **image} if image else {"crop_pct": 1.0, "img_size": train_size(first)}
+        probe_config = {"crop_pct": 1.0, **image} if image else {"crop_pct": 1.0, "img_size": train_size(Path(starts[next(iter(plans))]))}
         table = {}
         for label, start in starts.items():
             row = {kind: probe(start, root, method=kind, data_config=probe_config, cache=base / "features")["top1"] for kind in ("linear", "knn")}

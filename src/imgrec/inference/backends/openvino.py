@@ -81,12 +81,13 @@ def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
 
 
-def compile_ir(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """The compiled model of an IR on the CPU, at f32 where it is not quantised."""
+def compile_ir(model: Any, threads: int | None = None) -> Any:
+    """The compiled model on the CPU, at f32 where it is not quantised: ``model`` an IR's path
+    or an OpenVINO model in memory."""
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    return openvino().Core().compile_model(str(path), "CPU", config)
+    return openvino().Core().compile_model(str(model) if isinstance(model, (str, os.PathLike)) else model, "CPU", config)
 
 
 class OpenVino(Backend):
@@ -157,7 +158,7 @@ def quantize_int8(converted: Any, model: torch.nn.Module, calibration: torch.Ten
         return sum(same for same, _ in pairs) / max(1, sum(count for _, count in pairs))
 
     def measured(candidate: Any) -> float:
-        return agreement(openvino().Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), batches)
+        return agreement(compile_ir(candidate), batches)
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # NNCF's own progress bars
         plain = nncf.quantize(converted, singles, subset_size=len(images))
