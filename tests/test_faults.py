@@ -219,10 +219,13 @@ def test_torchrun_restarts_a_crashed_rank_from_the_latest_checkpoint(data, refer
     assert all(torch.allclose(a[k], b[k], atol=DDP_ATOL, rtol=1e-4) for k in a)
 
 
-@pytest.mark.parametrize("method", ["simclr", "dino", "distill"])
+@pytest.mark.parametrize("method", ["simclr", "dino", "dino-sinkhorn-koleo", "distill"])
 def test_ddp_pretraining_keeps_the_ranks_identical(data, tmp_path, method):
     out, hashes = tmp_path / "run", tmp_path / "hashes.txt"
-    extra = {"simclr": [], "dino": ["--local-crops", "2", "--proj-hidden-dim", "32"], "distill": ["--teacher", str(teacher_run(tmp_path / "teacher"))]}[method]
+    dino = ["--local-crops", "2", "--proj-hidden-dim", "32"]
+    extra = {"simclr": [], "dino": dino, "dino-sinkhorn-koleo": [*dino, "--centering", "sinkhorn", "--koleo-weight", "0.1"],
+             "distill": ["--teacher", str(teacher_run(tmp_path / "teacher"))]}[method]  # fmt: skip
+    method = method.split("-")[0]
     command = ["pretrain", "--data", str(data), "--model", "test_convnext", "--method", method, "--img-size", "32", "--epochs", "1",
                "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-tensorboard", "--opt", "adamw", "--out", str(out), *extra]  # fmt: skip
     done = run([*TORCHRUN, "--nproc_per_node", "2", *INJECT[1:], "--check-ranks", str(hashes), "--", *command])

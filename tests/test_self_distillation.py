@@ -22,7 +22,7 @@ from imgrec.data.stats import DataStats
 from imgrec.data.views import MultiViewTransform, ViewSpec, view_size
 from imgrec.engine.checkpoint import load_checkpoint
 from imgrec.engine.tasks import METHODS, method_class
-from imgrec.engine.tasks.dino import DINO, DINOHead, dino_loss, teacher_temperature
+from imgrec.engine.tasks.dino import DINO, DINOHead, dino_loss, koleo_loss, sinkhorn_knopp, teacher_temperature
 from imgrec.engine.tasks.distill import Distill, Renormalize, distill_loss
 from imgrec.engine.tasks.pretrain import pretrain
 from imgrec.recipe import RULES, resolve_recipe
@@ -48,11 +48,28 @@ def softmax(row: list[float]) -> list[float]:
     return [v / sum(e) for v in e]
 
 
-def dino_loss_by_hand(student, teacher, center, student_temp, teacher_temp, global_views=2) -> float:
+def sinkhorn_by_hand(scores: list[list[float]], iterations: int = 3) -> list[list[float]]:
+    """Sinkhorn-Knopp with loops: exp of the N x K scores, normalised to sum 1, then ``iterations``
+    times every column scaled to 1/K and every row to 1/N; the rows returned summing to 1."""
+    n, k = len(scores), len(scores[0])
+    q = [[math.exp(v) for v in row] for row in scores]
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        columns = [sum(q[i][j] for i in range(n)) for j in range(k)]
+        q = [[q[i][j] / columns[j] / k for j in range(k)] for i in range(n)]
+        rows = [sum(row) for row in q]
+        q = [[v / rows[i] / n for v in q[i]] for i in range(n)]
+    return [[v * n for v in row] for row in q]
+
+
+def dino_loss_by_hand(student, teacher, center, student_temp, teacher_temp, global_views=2, centering="ema") -> float:
     """The paper's pseudo-code with loops: for each teacher global view i and each student view
-    j != i, the batch mean of -sum_k softmax((t - c) / tt)_k log softmax(s / ts)_k; then the mean."""
+    j != i, the batch mean of -sum_k target_k log softmax(s / ts)_k; then the mean. The targets:
+    softmax((t - c) / tt), or Sinkhorn-Knopp of t / tt over all the global views' rows."""
     b = len(teacher) // global_views
     views = len(student) // b
+    balanced = sinkhorn_by_hand([[v / teacher_temp for v in row] for row in teacher]) if centering == "sinkhorn" else None
     total, pairs = 0.0, 0
     for i in range(global_views):
         for j in range(views):
@@ -60,7 +77,7 @@ def dino_loss_by_hand(student, teacher, center, student_temp, teacher_temp, glob
                 continue
             term = 0.0
             for n in range(b):
-                t = softmax([(v - c) / teacher_temp for v, c in zip(teacher[i * b + n], center)])
+                t = balanced[i * b + n] if balanced else softmax([(v - c) / teacher_temp for v, c in zip(teacher[i * b + n], center)])
                 s = softmax([v / student_temp for v in student[j * b + n]])
                 term += -sum(tk * math.log(sk) for tk, sk in zip(t, s))
             total += term / b
@@ -84,6 +101,61 @@ def test_dino_loss_matches_the_hand_computation(local_views):
     assert dino_loss(same, teacher, center, 0.1, 0.04).item() == pytest.approx(
         dino_loss_by_hand(same.tolist(), teacher.tolist(), center[0].tolist(), 0.1, 0.04), rel=1e-5
     )
+
+
+def test_sinkhorn_knopp_matches_the_hand_computation_and_balances_the_prototypes():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 4, generator=gen) * 3
+    got = sinkhorn_knopp(scores)
+    assert torch.allclose(got, torch.tensor(sinkhorn_by_hand(scores.tolist())), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(got.sum(dim=1), torch.ones(6), atol=1e-6)  # each row a distribution
+    # More iterations: every prototype ends up with an equal share of the batch (6 rows / 4).
+    assert torch.allclose(sinkhorn_knopp(scores, iterations=200).sum(dim=0), torch.full((4,), 1.5), atol=1e-4)
+    assert not torch.allclose(F.softmax(scores, dim=-1).sum(dim=0), torch.full((4,), 1.5), atol=0.1)  # the softmax alone does not
+    assert torch.isfinite(sinkhorn_knopp(torch.full((3, 5), 400.0))).all()  # large scores do not overflow
+
+
+@pytest.mark.parametrize("local_views", [0, 2])
+def test_dino_loss_with_sinkhorn_centring_matches_the_hand_computation(local_views):
+    gen = torch.Generator().manual_seed(10 + local_views)
+    b, k = 3, 5
+    student = torch.randn((2 + local_views) * b, k, generator=gen)
+    teacher = torch.randn(2 * b, k, generator=gen)
+    center = torch.randn(1, k, generator=gen)  # not used by Sinkhorn-Knopp
+    got = dino_loss(student, teacher, center, 0.1, 0.05, centering="sinkhorn").item()
+    assert got == pytest.approx(dino_loss_by_hand(student.tolist(), teacher.tolist(), None, 0.1, 0.05, centering="sinkhorn"), rel=1e-5)
+    assert got != pytest.approx(dino_loss(student, teacher, center, 0.1, 0.05).item(), rel=1e-3)
+
+
+def test_koleo_loss_matches_the_hand_computation():
+    # Three 2-d points (normalised first: the scale of a row does not count) at angles 0, 0.3 and 2.
+    angles, scales = [0.0, 0.3, 2.0], [1.0, 5.0, 0.5]
+    points = torch.tensor([[s * math.cos(a), s * math.sin(a)] for a, s in zip(angles, scales)])
+    chord = lambda a, b: 2 * math.sin(abs(a - b) / 2)  # noqa: E731 - distance of two unit vectors
+    nearest = [chord(0.0, 0.3), chord(0.3, 0.0), chord(2.0, 0.3)]
+    assert koleo_loss(points).item() == pytest.approx(-sum(math.log(d) for d in nearest) / 3, rel=1e-5)
+    spread = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    assert koleo_loss(spread) < koleo_loss(points)  # spreading the rows lowers it
+
+
+def test_dino_adds_the_koleo_term_of_the_global_views_and_sinkhorn_leaves_the_centre():
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", num_classes=0).eval()
+    images = torch.randn(4 * 3, 3, 32, 32)  # 3 images, 2 global + 2 local views of one size
+    plain = DINO.build(backbone, proj_hidden_dim=16, proj_dim=8).eval()
+    spread = DINO.build(backbone, proj_hidden_dim=16, proj_dim=8, koleo_weight=0.5).eval()
+    spread.head.load_state_dict(plain.head.state_dict())
+    spread.teacher_head.load_state_dict(plain.teacher_head.state_dict())
+    with torch.no_grad():
+        features = backbone(images[:6])
+        want = plain(images, num_views=4) + 0.5 * (koleo_loss(features[:3]) + koleo_loss(features[3:])) / 2
+        assert spread(images, num_views=4).item() == pytest.approx(want.item(), rel=1e-5)
+    balanced = DINO.build(timm.create_model("test_resnet", num_classes=0), proj_hidden_dim=16, proj_dim=8, centering="sinkhorn")
+    balanced(images, num_views=4).backward()
+    balanced.after_step(0.5)
+    assert torch.equal(balanced.center, torch.zeros(1, 8))  # no running centre under Sinkhorn-Knopp
+    with pytest.raises(ValueError, match="ema, sinkhorn"):
+        DINO.build(timm.create_model("test_resnet", num_classes=0), centering="median")
 
 
 def test_dino_loss_gradient_reaches_only_the_student():
@@ -340,6 +412,11 @@ def test_teacher_errors_are_plain(tiny_shapes, teacher_run, tmp_path, capsys):
     assert "--teacher applies to --method distill" in capsys.readouterr().err
     assert main([*common, "--method", "byol", "--local-crops", "4", "--out", str(tmp_path / "c")]) != 0
     assert "--local-crops applies to --method dino" in capsys.readouterr().err
+    assert main([*common, "--method", "simclr", "--centering", "sinkhorn", "--out", str(tmp_path / "c2")]) != 0
+    assert "--centering applies to --method dino" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error names the choices
+        main([*common, "--method", "dino", "--centering", "median", "--out", str(tmp_path / "c3")])
+    assert "invalid choice: 'median' (choose from 'ema', 'sinkhorn')" in capsys.readouterr().err
     bare = tmp_path / "bare.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(1)}, str(bare))
     assert main([*common, "--method", "distill", "--teacher", str(bare), "--out", str(tmp_path / "d")]) != 0

@@ -10,6 +10,11 @@ sharpening (temperature 0.04 rising to 0.07 over the first 30% of the run, again
 student's 0.1). The teacher follows the student by an EMA whose rate rises from 0.996 to 1 along
 a cosine. Head: a 3-layer MLP (2048 wide, GELU) to a 256-d bottleneck, L2-normalised, then a
 weight-normalised linear layer (its weights' norm fixed at 1) to the prototypes.
+Two options from DINOv2 (Oquab et al., 2023): ``centering="sinkhorn"`` makes the teacher's
+targets by Sinkhorn-Knopp (3 iterations: every prototype gets an equal share of the batch)
+instead of the running centre, and ``koleo_weight`` adds the KoLeo term, which spreads the
+backbone's features of each global view over the batch (minus the mean log distance of each
+L2-normalised feature to its nearest neighbour).
 Views of the paper: blur always on the first global view, rarely on the second (which is
 solarised a fifth of the time), half the time on the locals; globals crop 40-100% of the image,
 locals 5-40%.
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgrec.config import DataConfig
+from imgrec.distributed import all_reduce, world_size
 from imgrec.data.views import ViewSpec
 from imgrec.engine.tasks.ssl import MomentumTeacherMethod
 
@@ -65,6 +71,28 @@ def teacher_temperature(progress: float, start: float, end: float, warmup: float
     return start + (end - start) * max(progress, 0.0) / warmup
 
 
+CENTERINGS = ("ema", "sinkhorn")
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Targets [N, K] from scores [N, K] (logits over temperature) by Sinkhorn-Knopp: exp(scores)
+    scaled alternately so that every one of the K prototypes holds 1/K of the batch and every row
+    1/N, ``iterations`` times; returned with rows summing to 1. Under DDP the batch is every rank's."""
+    with torch.autocast(scores.device.type, enabled=False):
+        scores = scores.float()
+        top = all_reduce(scores.max().clone(), "max")  # one shift for all ranks: exp stays finite
+        q = torch.exp(scores - top).t()  # [K, N]
+        prototypes, rows = q.shape[0], q.shape[1] * world_size()
+        q /= all_reduce(q.sum())
+        for _ in range(iterations):
+            q /= all_reduce(q.sum(dim=1, keepdim=True))
+            q /= prototypes
+            q /= q.sum(dim=0, keepdim=True)
+            q /= rows
+        return (q * rows).t()
+
+
 def dino_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -72,21 +100,36 @@ def dino_loss(
     student_temp: float,
     teacher_temp: float,
     global_views: int = 2,
+    centering: str = "ema",
 ) -> torch.Tensor:
     """DINO's cross-entropy, in float32 even under autocast.
 
     ``student``: logits [V * B, K] of all V views, view-major, the ``global_views`` first;
     ``teacher``: logits [global_views * B, K] of the global views. The teacher's targets are
-    softmax((teacher - center) / teacher_temp), the student's predictions
-    log_softmax(student / student_temp); the loss is the mean over every pair (teacher view i,
-    student view j != i) of the batch-mean of -sum(target * log prediction).
+    softmax((teacher - center) / teacher_temp) (``centering="ema"``), or Sinkhorn-Knopp of
+    teacher / teacher_temp over all global views (``"sinkhorn"``, ``center`` unused); the
+    student's predictions log_softmax(student / student_temp); the loss is the mean over every
+    pair (teacher view i, student view j != i) of the batch-mean of -sum(target * log prediction).
     """
     with torch.autocast(student.device.type, enabled=False):
         views = student.shape[0] // (teacher.shape[0] // global_views)
         log_p = F.log_softmax(student.float() / student_temp, dim=-1).chunk(views)
-        targets = F.softmax((teacher.detach().float() - center) / teacher_temp, dim=-1).chunk(global_views)
+        if centering == "sinkhorn":
+            targets = sinkhorn_knopp(teacher.detach().float() / teacher_temp).chunk(global_views)
+        else:
+            targets = F.softmax((teacher.detach().float() - center) / teacher_temp, dim=-1).chunk(global_views)
         terms = [(-t * log_p[j]).sum(dim=-1).mean() for i, t in enumerate(targets) for j in range(views) if j != i]
         return torch.stack(terms).mean()
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (DINOv2): -mean over the rows of log(distance to the nearest other row), the rows
+    [B, D] L2-normalised first; in float32. Low when the batch's features spread out."""
+    with torch.autocast(features.device.type, enabled=False):
+        x = F.normalize(features.float(), dim=-1)
+        distances = torch.cdist(x, x)
+        distances = distances + torch.eye(x.shape[0], device=x.device, dtype=x.dtype) * 4.0  # never the row itself (unit vectors are at most 2 apart)
+        return -torch.log(distances.min(dim=1).values + eps).mean()
 
 
 class DINO(MomentumTeacherMethod):
@@ -107,6 +150,8 @@ class DINO(MomentumTeacherMethod):
     student_temp = 0.1
     teacher_temp = (0.04, 0.07, 0.3)  # start, end, fraction of the run to rise over
     center_momentum = 0.9
+    centering = "ema"  # the paper's; "sinkhorn": DINOv2's
+    koleo_weight = 0.0
     views = (
         ViewSpec(jitter=JITTER, jitter_p=0.8, greyscale_p=0.2, blur_p=1.0),
         ViewSpec(jitter=JITTER, jitter_p=0.8, greyscale_p=0.2, blur_p=0.1, solarize_p=0.2),
@@ -123,8 +168,14 @@ class DINO(MomentumTeacherMethod):
         proj_dim: int | None = None,
         temperature: float | None = None,
         teacher_momentum: float | None = None,
+        centering: str | None = None,
+        koleo_weight: float | None = None,
     ):
         super().__init__(backbone)
+        self.centering = centering or type(self).centering
+        if self.centering not in CENTERINGS:
+            raise ValueError(f"DINO's centring is one of {', '.join(CENTERINGS)}, not {self.centering!r}")
+        self.koleo_weight = type(self).koleo_weight if koleo_weight is None else koleo_weight
         out = proj_dim or self.proj_dim
         self.head = DINOHead(self.feature_dim, out, proj_hidden_dim or self.proj_hidden_dim, min(self.bottleneck, out))
         self.init_teacher(teacher_momentum)
@@ -154,12 +205,16 @@ class DINO(MomentumTeacherMethod):
         if num_views < 2 or rows % num_views:
             raise ValueError(f"DINO takes 2 global views and any local ones per image: {rows} views do not split into {num_views} per image")
         globals_ = crops[0][: 2 * (rows // num_views)]  # the first two views of every image
-        student = torch.cat([self.head(self.backbone(c)) for c in crops])  # one backbone call per view size
+        features = [self.backbone(c) for c in crops]  # one backbone call per view size
+        student = torch.cat([self.head(f) for f in features])
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(globals_)).float()
         temp = teacher_temperature(float(self.progress), self.temp_start, self.temp_end, self.temp_warmup)
-        loss = dino_loss(student, teacher, self.center, self.student_temp, temp)
-        if self.training:  # the centre moves once the step is taken (``after_step``), by all its images
+        loss = dino_loss(student, teacher, self.center, self.student_temp, temp, centering=self.centering)
+        if self.koleo_weight:  # over each global view's features, averaged over the two
+            spread = [koleo_loss(f) for f in features[0][: globals_.shape[0]].chunk(2)]
+            loss = loss + self.koleo_weight * torch.stack(spread).mean()
+        if self.training and self.centering == "ema":  # the centre moves once the step is taken (``after_step``), by all its images
             total = teacher.detach().sum(dim=0, keepdim=True)
             self.pending = total if self.pending is None else self.pending + total
             self.pending_rows += teacher.shape[0]
@@ -185,4 +240,4 @@ class DINO(MomentumTeacherMethod):
         super().after_step(progress)  # the teacher's EMA
 
 
-__all__ = ["DINO", "DINOHead", "dino_loss", "teacher_temperature"]
+__all__ = ["CENTERINGS", "DINO", "DINOHead", "dino_loss", "koleo_loss", "sinkhorn_knopp", "teacher_temperature"]

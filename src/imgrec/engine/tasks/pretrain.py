@@ -123,8 +123,9 @@ class PretrainTask(Task):
             raise ValueError(f"--method {config.method} learns from a teacher: pass --teacher NAME_OR_RUN (a timm tag such as resnet50.a1_in1k, hf-hub:ORG/REPO, or a run directory)")
         if config.teacher and not method.needs_teacher:
             raise ValueError(f"--teacher applies to --method distill, not {config.method}")
-        if config.local_crops is not None and not method.local_crops:
-            raise ValueError(f"--local-crops applies to --method dino, not {config.method}")
+        for name in ("local_crops", "centering", "koleo_weight"):  # DINO's own settings
+            if getattr(config, name) is not None and config.method != "dino":
+                raise ValueError(f"--{name.replace('_', '-')} applies to --method dino, not {config.method}")
 
     def __init__(self, config: PretrainConfig, run: RunContext):
         if config.teacher and run.checkpoint is None and Path(config.teacher).exists():  # a resume from elsewhere finds it again
@@ -152,7 +153,8 @@ class PretrainTask(Task):
             options.update(teacher=teacher, teacher_dim=width)
         self.method = cls.build(
             backbone, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim,
-            temperature=config.temperature, teacher_momentum=config.teacher_momentum, **options,
+            temperature=config.temperature, teacher_momentum=config.teacher_momentum,
+            centering=config.centering, koleo_weight=config.koleo_weight, **options,
         )  # fmt: skip
         specs = cls.view_specs(dc, config.local_crops)
         self.num_views = len(specs)
