@@ -22,7 +22,7 @@ every row, the only setting given), at most 20 epochs. Besides random init and t
 measures weights trained on another dataset (``--other ROOT``: a supervised resnet run there),
 as they are, continued with DINO on the target's images (``--pretrained``), and a resnet18
 trained there distilled into the benchmark's model (``--method distill --teacher``), as is a
-resnet18 pretrained with SimCLR on the target's images (the deployment case). Each start
+larger model pretrained with DINO on the target's images (``DEPLOY_TEACHER``: the deployment case). Each start
 gets a linear and a kNN probe and fine-tuning on 10% of the labels with ``imgrec train``'s
 defaults (median of 3 label draws). Pretraining runs once per method (seed 0).
 
@@ -58,6 +58,7 @@ PRETRAIN = {
     "byol": {"opt": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "teacher_momentum": 0.99},
 }
 PRETRAIN_COMMON = {"batch_size": 64, "warmup_epochs": 2, "proj_hidden_dim": 512, "knn_every": 5, "tensorboard": False}
+DEPLOY_TEACHER = ("resnet26t", "dino")  # the deployment case's teacher: architecture, pretraining method
 FINETUNE = {"epochs": 20, "batch_size": 32, "lr": 2e-3, "warmup_epochs": 2, "label_smoothing": 0.1, "tensorboard": False}
 
 
@@ -118,11 +119,12 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
             starts[f"teacher {teacher.name}"] = str(teacher)
             plans["distill"] = {"method": "distill", "teacher": str(teacher)}
             # The deployment case: a larger model pretrained on the same images, distilled into the small one.
-            big = base / "teacher-resnet18-simclr"
-            seconds[f"{name}/teacher resnet18 simclr here"] = run_once(
-                big, epochs, lambda big=big, common=common: pretrain(out=str(big), **{**common, "model": "resnet18"}, method="simclr"), console
+            arch, how = DEPLOY_TEACHER
+            big, label = base / f"teacher-{arch}-{how}", f"teacher {arch} {how} here"
+            seconds[f"{name}/{label}"] = run_once(
+                big, epochs, lambda big=big, common=common: pretrain(out=str(big), **{**common, "model": arch}, method=how), console
             )
-            starts["teacher resnet18 simclr here"] = str(big)
+            starts[label] = str(big)
             plans["distill from it"] = {"method": "distill", "teacher": str(big)}
         for label, plan in plans.items():
             run = base / ("pretrain-" + label.replace(", ", "-").replace(" ", "-"))
