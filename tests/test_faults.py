@@ -219,11 +219,11 @@ def test_torchrun_restarts_a_crashed_rank_from_the_latest_checkpoint(data, refer
     assert all(torch.allclose(a[k], b[k], atol=DDP_ATOL, rtol=1e-4) for k in a)
 
 
-@pytest.mark.parametrize("method", ["simclr", "dino", "dino-sinkhorn-koleo", "distill"])
+@pytest.mark.parametrize("method", ["simclr", "dino", "dino-ema-koleo", "distill"])
 def test_ddp_pretraining_keeps_the_ranks_identical(data, tmp_path, method):
     out, hashes = tmp_path / "run", tmp_path / "hashes.txt"
     dino = ["--local-crops", "2", "--proj-hidden-dim", "32"]
-    extra = {"simclr": [], "dino": dino, "dino-sinkhorn-koleo": [*dino, "--centering", "sinkhorn", "--koleo-weight", "0.1"],
+    extra = {"simclr": [], "dino": dino, "dino-ema-koleo": [*dino, "--centering", "ema", "--koleo-weight", "0.1"],
              "distill": ["--teacher", str(teacher_run(tmp_path / "teacher"))]}[method]  # fmt: skip
     method = method.split("-")[0]
     command = ["pretrain", "--data", str(data), "--model", "test_convnext", "--method", method, "--img-size", "32", "--epochs", "1",

@@ -138,7 +138,7 @@ def test_koleo_loss_matches_the_hand_computation():
     assert koleo_loss(spread) < koleo_loss(points)  # spreading the rows lowers it
 
 
-def test_dino_adds_the_koleo_term_of_the_global_views_and_sinkhorn_leaves_the_centre():
+def test_dino_adds_the_koleo_term_of_the_global_views_and_sinkhorn_by_default_leaves_the_centre():
     torch.manual_seed(0)
     backbone = timm.create_model("test_resnet", num_classes=0).eval()
     images = torch.randn(4 * 3, 3, 32, 32)  # 3 images, 2 global + 2 local views of one size
@@ -150,7 +150,8 @@ def test_dino_adds_the_koleo_term_of_the_global_views_and_sinkhorn_leaves_the_ce
         features = backbone(images[:6])
         want = plain(images, num_views=4) + 0.5 * (koleo_loss(features[:3]) + koleo_loss(features[3:])) / 2
         assert spread(images, num_views=4).item() == pytest.approx(want.item(), rel=1e-5)
-    balanced = DINO.build(timm.create_model("test_resnet", num_classes=0), proj_hidden_dim=16, proj_dim=8, centering="sinkhorn")
+    balanced = DINO.build(timm.create_model("test_resnet", num_classes=0), proj_hidden_dim=16, proj_dim=8)
+    assert balanced.centering == "sinkhorn"  # the default (DINOv2's)
     balanced(images, num_views=4).backward()
     balanced.after_step(0.5)
     assert torch.equal(balanced.center, torch.zeros(1, 8))  # no running centre under Sinkhorn-Knopp
@@ -190,7 +191,7 @@ def test_dino_forward_gives_the_teacher_the_global_views_only(grouped):
     """Views of two sizes come as two tensors; views of one size (32 px images: the locals are as
     large as the globals) as one, view-major: either way the teacher sees the first 2 views."""
     torch.manual_seed(0)
-    method = DINO.build(timm.create_model("resnet10t", num_classes=0), proj_hidden_dim=32, proj_dim=16, teacher_momentum=0.9)
+    method = DINO.build(timm.create_model("resnet10t", num_classes=0), proj_hidden_dim=32, proj_dim=16, teacher_momentum=0.9, centering="ema")
     method.train()
     b = 4
     globals_, locals_ = torch.randn(2 * b, 3, 32, 32), torch.randn(3 * b, 3, 32, 32)

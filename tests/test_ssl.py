@@ -476,11 +476,11 @@ def test_pretrain_on_a_root_with_train_but_no_val(synth, tmp_path):
     assert all("knn_top1" not in row and math.isfinite(row["loss"]) for row in rows)
 
 
-@pytest.mark.parametrize("method", [*METHOD_NAMES, "dino", "dino-sinkhorn-koleo", "distill"])
+@pytest.mark.parametrize("method", [*METHOD_NAMES, "dino", "dino-ema-koleo", "distill"])
 def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, method, teacher_run):
     options = dict(API_COMMON)
-    if method == "dino-sinkhorn-koleo":  # DINOv2's centring and spreading term
-        method, options = "dino", options | {"centering": "sinkhorn", "koleo_weight": 0.1}
+    if method == "dino-ema-koleo":  # the paper's running centre (the default is Sinkhorn-Knopp), and the KoLeo term
+        method, options = "dino", options | {"centering": "ema", "koleo_weight": 0.1}
     if method == "dino":
         options["local_crops"] = 2  # views of 32 px: globals and locals alike
     if method == "distill":  # no heads of its own to size: a projection to the teacher's width
