@@ -20,7 +20,7 @@ from imgrec.cli import main
 from imgrec.config import DataConfig, PretrainConfig
 from imgrec.data.stats import DataStats
 from imgrec.data.views import MultiViewTransform, ViewSpec, view_size
-from imgrec.engine.checkpoint import load_checkpoint
+from imgrec.engine.checkpoint import load_checkpoint, save_checkpoint
 from imgrec.engine.tasks import METHODS, method_class
 from imgrec.engine.tasks.dino import DINO, DINOHead, dino_loss, koleo_loss, sinkhorn_knopp, teacher_temperature
 from imgrec.engine.tasks.distill import Distill, Renormalize, distill_loss
@@ -347,9 +347,21 @@ def test_cli_dino_pretrains_a_loadable_backbone(tiny_shapes, tmp_path):
     assert card["method"] == "dino" and card["feature_dim"] == 512
     config = (out / "config.yaml").read_text()
     assert "proj_dim: 4096" in config and "local_crops: 2" in config  # the recipe's prototypes for 24 images
+    assert "centering: sinkhorn" in config  # the default, recorded so that a resumed run keeps it
     weights = safetensors.torch.load_file(str(out / "backbone.safetensors"))
     backbone = timm.create_model("resnet10t", num_classes=0)
     backbone.load_state_dict(weights)
+
+
+def test_a_dino_run_from_before_sinkhorn_resumes_with_the_running_centre(tiny_shapes, tmp_path):
+    out = pretrain(data=str(tiny_shapes), method="dino", out=str(tmp_path / "old"), local_crops=2, proj_hidden_dim=32, console=quiet(), **API_COMMON)
+    state = load_checkpoint(out / "last.pt")
+    assert state["config"]["centering"] == "sinkhorn"
+    del state["config"]["centering"]  # what a run started before the option existed holds
+    save_checkpoint(out / "last.pt", state)
+    pretrain(resume=out, epochs=3, console=quiet())
+    assert "centering: ema" in (out / "config.yaml").read_text()
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
 
 
 def test_distill_from_a_named_teacher_in_the_hub_cache(tiny_shapes, hub, tmp_path):

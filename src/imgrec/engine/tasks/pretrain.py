@@ -143,6 +143,10 @@ class PretrainTask(Task):
             self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device, card=card, method=cls)
             print_recipe(run.console, choices)
             config = self.config
+        if config.method == "dino" and config.centering is None:
+            # Recorded in config.yaml, so that a resumed run keeps it; a run from before Sinkhorn-Knopp
+            # became DINO's default recorded none and used the running centre.
+            config = self.config = dataclasses.replace(config, centering=cls.centering if run.checkpoint is None else "ema")
         self.data_config = dc = resolve_data_config(backbone, card=card, **config.data_config)
         options: dict[str, Any] = {}
         self.teacher_source: dict[str, Any] = {}
