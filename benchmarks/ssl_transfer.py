@@ -22,9 +22,9 @@ every row, the only setting given), at most 20 epochs. Besides random init and t
 measures weights trained on another dataset (``--other ROOT``: a supervised resnet run there),
 as they are, continued with DINO on the target's images (``--pretrained``), and a resnet18
 trained there distilled into the benchmark's model (``--method distill --teacher``), as is a
-larger model pretrained with DINO on the target's images (``DEPLOY_TEACHER``: the deployment case). Each start
-gets a linear and a kNN probe and fine-tuning on 10% of the labels with ``imgrec train``'s
-defaults (median of 3 label draws). Pretraining runs once per method (seed 0).
+larger model pretrained with DINO on the target's images (``DEPLOY_TEACHER``: the deployment
+case). Each start gets a linear and a kNN probe and fine-tuning on 10% of the labels with
+``imgrec train``'s defaults (median of 3 label draws). Pretraining runs once per method (seed 0).
 
     python benchmarks/ssl_transfer.py --real fashion=/tmp/real/fashion-mnist photos=/tmp/real/skimage-photos@64 --other /tmp/real/opencv-digits
 """

@@ -234,6 +234,7 @@ class PretrainConfig(LoopConfig):
     """
 
     OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("lars", "adamw", "sgd")
+    CENTERINGS: typing.ClassVar[tuple[str, ...]] = ("ema", "sinkhorn")  # DINO's teacher targets
 
     method: str = option(
         "simclr",
@@ -253,7 +254,7 @@ class PretrainConfig(LoopConfig):
     lars_trust: float = option(1e-3, "LARS trust coefficient (the papers' at batch 4096; small batches want ~0.02)", bounds="(0, inf)")
     teacher_momentum: float | None = option(None, "MoCo v3, BYOL, DINO: the teacher's EMA rate at the start, rising to 1 (default: the paper's 0.99 or 0.996, lower for short runs)", bounds="[0, 1]")
     local_crops: int | None = option(None, "DINO: small views per image besides the 2 global ones (default 6)", bounds="[0, inf)")
-    centering: str | None = option(None, "DINO: the teacher's targets balanced by Sinkhorn-Knopp (sinkhorn, DINOv2's, the default) or centred by a running mean (ema, the paper's)", choices=("ema", "sinkhorn"))
+    centering: str | None = option(None, "DINO: the teacher's targets balanced by Sinkhorn-Knopp (sinkhorn, DINOv2's, the default) or centred by a running mean (ema, the paper's)", choices=CENTERINGS)
     koleo_weight: float | None = option(None, "DINO: weight of DINOv2's KoLeo term, which spreads the backbone's features over the batch (default 0)", bounds="[0, inf)")
     teacher: str | None = option(
         None, "--method distill: the frozen teacher, a timm tag or hf-hub:ORG/REPO (through the Hugging Face cache), or a run directory",

@@ -7,16 +7,18 @@ the side) of small parts of the image; the teacher sees only the global views, t
 and every (teacher global view, other student view) pair is a term of the loss. Collapse is
 avoided by the teacher's centring (its outputs less a running mean of them, momentum 0.9, in the
 paper; Sinkhorn-Knopp here by default, below) and sharpening (temperature 0.04 rising to 0.07
-over the first 30% of the run, against the student's 0.1). The teacher follows the student by an EMA whose rate rises from 0.996 to 1 along
-a cosine. Head: a 3-layer MLP (2048 wide, GELU) to a 256-d bottleneck, L2-normalised, then a
-weight-normalised linear layer (its weights' norm fixed at 1) to the prototypes.
+over the first 30% of the run, against the student's 0.1). The teacher follows the student by
+an EMA whose rate rises from 0.996 to 1 along a cosine. Head: a 3-layer MLP (2048 wide, GELU)
+to a 256-d bottleneck, L2-normalised, then a weight-normalised linear layer (its weights' norm
+fixed at 1) to the prototypes.
 Two changes from DINOv2 (Oquab et al., 2023). By default the teacher's targets come from
 Sinkhorn-Knopp (3 iterations: every prototype gets an equal share of the batch) rather than the
 running centre (``centering="ema"``, the paper's): on small real sets it measured +0.9 linear
 and +0.4 kNN points on fashion-mnist, -0.4 and +7.1 linear (+2.9 and +6.3 kNN) on photographs
-at two seeds (BENCHMARKS.md). An option, ``koleo_weight``, adds the KoLeo term, which spreads the backbone's features of each global view
-over the batch (minus the mean log distance of each L2-normalised feature to its nearest
-neighbour); with it at 0.1 the photographs' linear probe fell 3.8 points, so it is off.
+at two seeds (BENCHMARKS.md). An option, ``koleo_weight``, adds the KoLeo term, which spreads
+the backbone's features of each global view over the batch (minus the mean log distance of each
+L2-normalised feature to its nearest neighbour); with it at 0.1 the photographs' linear probe
+fell 3.8 points, so it is off.
 Views of the paper: blur always on the first global view, rarely on the second (which is
 solarised a fifth of the time), half the time on the locals; globals crop 40-100% of the image,
 locals 5-40%.
@@ -31,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from imgrec.config import DataConfig
+from imgrec.config import DataConfig, PretrainConfig
 from imgrec.data.views import ViewSpec
 from imgrec.distributed import all_reduce, world_size
 from imgrec.engine.tasks.ssl import MomentumTeacherMethod
@@ -73,7 +75,7 @@ def teacher_temperature(progress: float, start: float, end: float, warmup: float
     return start + (end - start) * max(progress, 0.0) / warmup
 
 
-CENTERINGS = ("ema", "sinkhorn")
+CENTERINGS = PretrainConfig.CENTERINGS
 
 
 @torch.no_grad()
