@@ -7,6 +7,7 @@ waits at barriers (one thread made these runs about 20x faster there).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -525,6 +526,30 @@ def test_resume_after_a_crash_is_bitwise_exact(synth, tmp_path, monkeypatch, met
         assert torch.equal(state_x["model"][key], state_y["model"][key]), key
     if method == "distill":  # the frozen teacher is read from its source again, not kept in checkpoints
         assert not any(k.startswith("teacher.") for k in state_x["model"])
+
+
+def test_a_resumed_run_keeps_the_options_it_started_with_when_the_defaults_change(synth, tmp_path, monkeypatch):
+    options = {k: v for k, v in API_COMMON.items() if k != "proj_dim"}
+    out = pretrain(data=str(synth), method="simclr", out=str(tmp_path / "run"), console=quiet(), **options | {"epochs": 1})
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert (recorded["temperature"], recorded["proj_dim"], recorded["proj_hidden_dim"]) == (0.1, 128, 64)  # the paper's, the paper's, the user's
+
+    built = []
+    original = SimCLR.__init__
+
+    @functools.wraps(original)  # the same signature: build() reads the options it takes there
+    def spy(self, backbone, **kwargs):
+        original(self, backbone, **kwargs)
+        built.append((self.temperature, self.projector[-1].num_features))
+
+    monkeypatch.setattr(SimCLR, "__init__", spy)
+    monkeypatch.setattr(SimCLR, "temperature", 0.5)  # a later version's defaults
+    monkeypatch.setattr(SimCLR, "proj_dim", 64)
+    pretrain(resume=out, epochs=2, console=quiet())
+    assert built == [(0.1, 128)]
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+    fresh = pretrain(data=str(synth), method="simclr", out=str(tmp_path / "fresh"), console=quiet(), **options | {"epochs": 1})
+    assert built[-1] == (0.5, 64) and yaml.safe_load((fresh / "config.yaml").read_text())["temperature"] == 0.5
 
 
 def test_pretrain_errors(synth, cli_runs, tmp_path, capsys):

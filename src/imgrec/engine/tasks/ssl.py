@@ -27,6 +27,7 @@ class SSLMethod(nn.Module):
 
     Class attributes give the paper's recipe, which ``PretrainConfig`` fields left at ``None``
     take: ``optimizer``, ``base_lr`` (per 256 images), ``weight_decay``, head sizes, ``views``.
+    A new run records the method's options among them (``paper_options``) in its config.
     """
 
     name: ClassVar[str]
@@ -54,6 +55,18 @@ class SSLMethod(nn.Module):
         if foreign:
             raise ValueError(f"{', '.join(foreign)} do(es) not apply to {cls.name}: leave it unset")
         return cls(backbone, **given)
+
+    @classmethod
+    def paper_options(cls) -> dict[str, object]:
+        """The paper's value of each option the method takes that a class attribute of the same name
+        holds (head sizes, temperature, teacher momentum...), and its number of local views if it
+        has any: what ``None`` in a ``PretrainConfig`` stands for, to be recorded in a run's config
+        so that a resumed run keeps it even where a later version changes the default."""
+        accepted = inspect.signature(cls.__init__).parameters
+        options = {k: getattr(cls, k) for k in accepted if k not in ("self", "backbone") and isinstance(getattr(cls, k, None), (int, float, str))}
+        if cls.local_crops:
+            options["local_crops"] = cls.local_crops
+        return options
 
     @classmethod
     def view_specs(cls, data: DataConfig, local_crops: int | None = None) -> tuple[ViewSpec, ...]:
