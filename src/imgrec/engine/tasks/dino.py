@@ -155,6 +155,7 @@ class DINO(MomentumTeacherMethod):
     teacher_temp = (0.04, 0.07, 0.3)  # start, end, fraction of the run to rise over
     center_momentum = 0.9
     centering = "sinkhorn"  # DINOv2's; "ema": the paper's running centre
+    unrecorded_defaults = {"centering": "ema"}  # the default before Sinkhorn-Knopp became it
     koleo_weight = 0.0
     views = (
         ViewSpec(jitter=JITTER, jitter_p=0.8, greyscale_p=0.2, blur_p=1.0),

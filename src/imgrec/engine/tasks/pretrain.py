@@ -142,14 +142,11 @@ class PretrainTask(Task):
             stats = dataset_stats(self.train_set, seed=config.seed)
             self.config, choices = resolve_recipe(config, stats, model=backbone, device=run.device, card=card, method=cls)
             print_recipe(run.console, choices)
-            # What the user and the recipe left open is the paper's: recorded in config.yaml, so that
-            # a resumed run keeps it.
             config = self.config
-            unset = {k: v for k, v in cls.paper_options().items() if getattr(config, k) is None}
-            config = self.config = dataclasses.replace(config, **unset)
-        elif config.method == "dino" and config.centering is None:
-            # A run from before Sinkhorn-Knopp became DINO's default recorded no centring: it used the running centre.
-            config = self.config = dataclasses.replace(config, centering="ema")
+        # The method's options left open: a new run records the paper's (config.yaml), so that a resume
+        # keeps them; a run from before they were recorded takes the defaults it ran with.
+        defaults = cls.paper_options() if run.checkpoint is None else cls.unrecorded_defaults
+        config = self.config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
         self.data_config = dc = resolve_data_config(backbone, card=card, **config.data_config)
         options: dict[str, Any] = {}
         self.teacher_source: dict[str, Any] = {}

@@ -40,6 +40,8 @@ class SSLMethod(nn.Module):
     crop_scale: ClassVar[tuple[float, float]] = (0.08, 1.0)  # the views' crop area range in the paper
     local_crops: ClassVar[int] = 0  # multi-crop methods: small views besides the global ones
     needs_teacher: ClassVar[bool] = False  # built with a frozen ``teacher`` and its width (``--teacher``: distillation)
+    # The defaults that runs from before ``paper_options`` were recorded ran with, where they have changed since.
+    unrecorded_defaults: ClassVar[dict[str, object]] = {}
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
