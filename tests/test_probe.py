@@ -23,7 +23,7 @@ from imgrec.data.folder import ImageFolderDataset, take_fraction
 from imgrec.data.splits import load_splits
 from imgrec.engine.checkpoint import load_checkpoint
 from imgrec.engine.evaluate import classification_metrics
-from imgrec.engine.knn import knn_scores, linear_probe
+from imgrec.engine.knn import PROBE_LRS, choose_probe_lr, knn_scores, linear_probe
 from imgrec.engine.probe import extract_features, load_backbone, probe
 from imgrec.engine.tasks.pretrain import pretrain
 from imgrec.recipe import resolve_data_config
@@ -173,6 +173,36 @@ def test_linear_probe_one_dimensional_rule():
         linear_probe(train, labels[:4], queries, 2)
 
 
+def separable_toy(seed: int, spread: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four Gaussian clusters in 4-d (50 points each) centred ``spread`` apart on the axes."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat_interleave(50)
+    return spread * torch.eye(4)[labels] + torch.randn(200, 4, generator=gen), labels
+
+
+def test_probe_lr_choice_takes_the_rate_that_trains_the_probe():
+    # One full-batch step: at 1e-3 the update is smaller than the initial weights' noise, so the
+    # probe is near chance; larger rates learn the clusters. The held-out scores must say so.
+    features, labels = separable_toy(0)
+    lr, scores = choose_probe_lr(features, labels, 4, epochs=1, batch_size=1000)
+    assert list(scores) == list(PROBE_LRS)
+    assert scores[1e-3] < 50 < 90 < scores[3e-2] and lr == 3e-2 == max(scores, key=scores.get)
+    full = {rate: (linear_probe(features, labels, features, 4, epochs=1, batch_size=1000, lr=rate).argmax(1) == labels).double().mean() for rate in PROBE_LRS}
+    assert full[1e-3] < 0.5 < 0.9 < full[3e-2]  # the held-out ranking is the real one
+
+
+def test_probe_lr_choice_keeps_the_lowest_of_equals_and_needs_a_holdout():
+    features, labels = separable_toy(0, spread=20.0)  # every rate reaches 100 %
+    lr, scores = choose_probe_lr(features, labels, 4, epochs=20)
+    assert set(scores.values()) == {100.0} and lr == PROBE_LRS[0]
+    # Four items a class: too few to hold any out; the first rate, no scores. Five: scored.
+    four, five = (torch.cat([torch.arange(50 * c, 50 * c + n) for c in range(4)]) for n in (4, 5))
+    assert choose_probe_lr(features[four], labels[four], 4, lrs=(0.5, 0.1)) == (0.5, {})
+    assert choose_probe_lr(features[five], labels[five], 4, lrs=(0.5, 0.1))[1].keys() == {0.5, 0.1}
+    with pytest.raises(ValueError, match="learning rate"):
+        choose_probe_lr(features, labels, 4, lrs=())
+
+
 # --- probe(): features, cache, result ---------------------------------------------------------
 
 
@@ -299,19 +329,20 @@ def test_probe_a_bare_weights_file_needs_model(synth, pretrain_run, tmp_path, ca
 
 def test_cli_probe_linear_writes_json(synth, tmp_path):
     out_json, cache = tmp_path / "probe.json", tmp_path / "cache"
-    rc = main(
-        [
-            "probe", "random:resnet10t", "--data", str(synth), "--method", "linear", "--epochs", "20", "--json", str(out_json),
-            "--img-size", "32", "--workers", "0", "--cache-dir", str(cache),
-        ]
-    )  # fmt: skip
-    assert rc == 0
+    args = ["probe", "random:resnet10t", "--data", str(synth), "--method", "linear", "--epochs", "20", "--img-size", "32", "--workers", "0", "--cache-dir", str(cache)]
+    assert main([*args, "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text(encoding="utf-8"))
     assert result["method"] == "linear"
     for key in ("top1", "top5"):
         assert isinstance(result[key], (int, float)) and 0 <= result[key] <= 100
     assert result["train_images"] == N_TRAIN and result["val_images"] == N_VAL
     assert len(list(cache.iterdir())) == 2
+    # The rate was chosen on held-out training features and is the one the probe ran with.
+    assert set(result["lr_scores"]) == {f"{rate:g}" for rate in PROBE_LRS}
+    assert result["lr_scores"][f"{result['lr']:g}"] == max(result["lr_scores"].values())
+    assert main([*args, "--lr", str(result["lr"]), "--json", str(tmp_path / "fixed.json")]) == 0
+    fixed = json.loads((tmp_path / "fixed.json").read_text(encoding="utf-8"))
+    assert fixed["top1"] == result["top1"] and fixed["lr"] == result["lr"] and "lr_scores" not in fixed
     with pytest.raises(SystemExit):
         main(["probe", "random:resnet10t", "--data", str(synth), "--method", "svm"])
 

@@ -43,7 +43,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=bounded(int, "[1, inf)"), default=20, help="kNN: neighbours")
     p.add_argument("--temperature", type=bounded(float, "(0, inf)"), default=0.07, help="kNN: vote weight exp(cosine / T)")
     p.add_argument("--epochs", type=bounded(int, "[1, inf)"), default=100, help="linear: passes over the cached features")
-    p.add_argument("--lr", type=bounded(float, "(0, inf)"), default=1e-3, help="linear: AdamW learning rate")
+    p.add_argument("--lr", type=bounded(float, "(0, inf)"), default=None, help="linear: AdamW learning rate (default: the best of 1e-3, 3e-3, 1e-2, 3e-2 on a held-out fifth of train/)")
     p.add_argument("--weight-decay", type=bounded(float, "[0, inf)"), default=1e-4, help="linear: AdamW weight decay")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the result as JSON (keys top1, top5, ...)")
     p.add_argument("--cache-dir", help="feature cache folder (default $IMGREC_CACHE/features or ~/.cache/imgrec/features)")
@@ -160,10 +160,11 @@ def run_probe(args: argparse.Namespace) -> int:
         precision=args.precision, loader=args.loader, seed=args.seed, cache=cache, console=console,
         data_config={k: v for k, v in given(args, DataConfig, only=(*PREPROCESSING, "max_pixels")).items() if v is not None},
     )  # fmt: skip
+    rate = f", lr {result['lr']:g}" if "lr" in result else ""  # the linear probe's, chosen or given
     console.print(
         f"{result['method']} probe of {result['backbone']} ({result['architecture']}, {result['feature_dim']}-d): "
         f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {result['val_images']} val images "
-        f"({result['train_images']} train images; classifier {result['classifier_seconds']:.1f} s)",
+        f"({result['train_images']} train images; classifier {result['classifier_seconds']:.1f} s{rate})",
         highlight=False,
     )
     if args.json_path:

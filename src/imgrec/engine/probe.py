@@ -28,7 +28,7 @@ from imgrec.data.loader import create_loader
 from imgrec.data.splits import load_splits
 from imgrec.data.transforms import BatchNormalize, eval_transform
 from imgrec.engine.evaluate import classification_metrics, collect_logits
-from imgrec.engine.knn import knn_scores, linear_probe
+from imgrec.engine.knn import choose_probe_lr, knn_scores, linear_probe
 from imgrec.hardware import DTYPES, flush_denormals, resolve_device, resolve_precision
 from imgrec.models.factory import create_model, locate_weights
 from imgrec.progress import track
@@ -141,7 +141,7 @@ def probe(
     k: int = 20,
     temperature: float = 0.07,
     epochs: int = 100,
-    lr: float = 1e-3,
+    lr: float | None = None,
     weight_decay: float = 1e-4,
     batch_size: int = 256,
     workers: int | None = None,
@@ -160,6 +160,9 @@ def probe(
     under ``skipped``; a cache hit lists none, as nothing was read). Preprocessing: what the weights were
     trained with (backbone.json / model.json), else the architecture's, then ``data_config``.
     ``cache`` is True (the default folder, ``feature_cache_dir()``), a folder, or False.
+    The linear probe's ``lr``, if not given, is chosen among ``PROBE_LRS`` on a held-out fifth of
+    the train features (``choose_probe_lr``); the result holds it (``lr``) and each rate's
+    held-out top-1 (``lr_scores``).
     """
     if method not in ("knn", "linear"):
         raise ValueError(f"probe method must be knn or linear, got {method!r}")
@@ -170,15 +173,21 @@ def probe(
     (train_x, train_y), (val_x, val_y), classes, skipped = split_features(net, data, config, seed, options)
     started = time.perf_counter()
     dev = resolve_device(device)
+    chosen: dict[str, Any] = {}
     if method == "knn":
         scores = knn_scores(train_x.to(dev), train_y, val_x, len(classes), k=k, temperature=temperature)
     else:
-        scores = linear_probe(train_x.to(dev), train_y.to(dev), val_x.to(dev), len(classes), epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+        train_x, train_y, fit = train_x.to(dev), train_y.to(dev), {"epochs": epochs, "weight_decay": weight_decay, "seed": seed}
+        if lr is None:
+            lr, held_out = choose_probe_lr(train_x, train_y, len(classes), **fit)
+            chosen["lr_scores"] = {f"{rate:g}": top1 for rate, top1 in held_out.items()}
+        chosen["lr"] = lr
+        scores = linear_probe(train_x, train_y, val_x.to(dev), len(classes), lr=lr, **fit)
     metrics = classification_metrics(scores, val_y, classes)
     return {
         "method": method, "backbone": net.source, "architecture": net.architecture, "top1": metrics["top1"], "top5": metrics["top5"],
         "train_images": int(train_y.numel()), "val_images": int(val_y.numel()), "feature_dim": int(train_x.shape[1]),
-        "classifier_seconds": round(time.perf_counter() - started, 3), "per_class": metrics["per_class"], "skipped": skipped,
+        "classifier_seconds": round(time.perf_counter() - started, 3), "per_class": metrics["per_class"], "skipped": skipped, **chosen,
     }  # fmt: skip
 
 
