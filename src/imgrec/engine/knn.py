@@ -93,7 +93,7 @@ def linear_probe(
 
 
 # Searched by ``choose_probe_lr``: one fixed rate under-trains some backbones' probes (DINO's
-# by 1-2.6 points at 1e-3 on fashion-mnist, where SimCLR's gained 0-0.3; BENCHMARKS.md).
+# by 0.9-3 points at 1e-3 on fashion-mnist, SimCLR's by 0.1-0.4; BENCHMARKS.md).
 PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
