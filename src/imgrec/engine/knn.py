@@ -112,9 +112,10 @@ def choose_probe_lr(
     """(the learning rate, {rate: held-out top-1 %}) for ``linear_probe`` on these features.
 
     Each rate trains a probe on the training features less ``holdout`` of each class (``seed``
-    draws them, at least one a class) and is scored on the ones held out; the best top-1 wins, the
-    lowest rate among equals. The query set plays no part. With fewer than 5 training items a
-    class on average, too few to hold any out: the first rate, and an empty score table.
+    draws them, at least one a class) and is scored on the ones held out; the best top-1 wins,
+    the first in ``lrs`` among equals (the lowest, in ``PROBE_LRS``). The query set plays no
+    part. With fewer than 5 training items a class on average, too few to hold any out: the
+    first rate, and an empty score table.
     """
     if not lrs:
         raise ValueError("choose_probe_lr needs at least one learning rate")
