@@ -121,17 +121,15 @@ def choose_probe_lr(
         raise ValueError("choose_probe_lr needs at least one learning rate")
     if train_labels.numel() < 5 * num_classes:
         return float(lrs[0]), {}
-    held = torch.tensor(class_balanced_subset(train_labels.tolist(), holdout, seed), dtype=torch.int64)
-    kept = torch.ones(train_labels.numel(), dtype=torch.bool)
+    held = torch.tensor(class_balanced_subset(train_labels.tolist(), holdout, seed), dtype=torch.int64, device=train.device)
+    kept = torch.ones(train_labels.numel(), dtype=torch.bool, device=train.device)
     kept[held] = False
-    device = train.device
-    x, y, q, qy = train[kept.to(device)], train_labels[kept.to(device)], train[held.to(device)], train_labels[held.to(device)]
+    x, y, q, qy = train[kept], train_labels[kept], train[held], train_labels[held].cpu()
     scores = {}
     for lr in lrs:
         predicted = linear_probe(x, y, q, num_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed).argmax(dim=1)
-        scores[float(lr)] = (predicted == qy.cpu()).double().mean().item() * 100
-    best = max(scores.values())
-    return next(lr for lr in scores if scores[lr] == best), scores
+        scores[float(lr)] = (predicted == qy).double().mean().item() * 100
+    return max(scores, key=scores.__getitem__), scores  # max keeps the first of equals
 
 
 __all__ = ["PROBE_LRS", "choose_probe_lr", "knn_scores", "linear_probe"]
