@@ -23,8 +23,10 @@ measures weights trained on another dataset (``--other ROOT``: a supervised resn
 as they are, continued with DINO on the target's images (``--pretrained``), and a resnet18
 trained there distilled into the benchmark's model (``--method distill --teacher``), as is a
 larger model pretrained with DINO on the target's images (``DEPLOY_TEACHER``: the deployment
-case). Each start gets a linear and a kNN probe and fine-tuning on 10% of the labels with
-``imgrec train``'s defaults (median of 3 label draws). Pretraining runs once per method (seed 0).
+case). Every start runs at ``--seeds`` seeds (default 3; the teachers at seed 0 only): seed s
+pretrains with seed s (the random init is drawn with it), probes it (linear and kNN; the seed
+draws the linear probe's batches and held-out fifth) and fine-tunes it on a 10% draw of the
+labels made with seed s, with ``imgrec train``'s defaults; the table gives each measure's median.
 
     python benchmarks/ssl_transfer.py --real fashion=/tmp/real/fashion-mnist photos=/tmp/real/skimage-photos@64 --other /tmp/real/opencv-digits
 """
@@ -109,14 +111,15 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
         root, _, size = rest.partition("@")
         image = {"img_size": int(size)} if size else {}
         base = out / name
-        starts = {"random": f"random:{model}"}
+        # label -> one start per seed (a teacher: its one run); the random init is drawn per seed.
+        starts: dict[str, list[str]] = {"random": [f"random:{model}"] * args.seeds}
         common = {"data": root, "model": model, "epochs": epochs, "knn_every": 0, "tensorboard": False, "console": console, "data_config": image}
         plans = {m: {"method": m} for m in REAL_METHODS if m in rows}
         if "continued" in rows:
-            starts[f"weights from {Path(args.other).name}"] = str(weights)
+            starts[f"weights from {Path(args.other).name}"] = [str(weights)] * args.seeds
             plans["dino, continued"] = {"method": "dino", "pretrained": str(weights)}
         if "distill" in rows:
-            starts[f"teacher {teacher.name}"] = str(teacher)
+            starts[f"teacher {teacher.name}"] = [str(teacher)]
             plans["distill"] = {"method": "distill", "teacher": str(teacher)}
             # The deployment case: a larger model pretrained on the same images, distilled into the small one.
             arch, how = DEPLOY_TEACHER
@@ -124,35 +127,49 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
             seconds[f"{name}/{label}"] = run_once(
                 big, epochs, lambda big=big, common=common: pretrain(out=str(big), **{**common, "model": arch}, method=how), console
             )
-            starts[label] = str(big)
+            starts[label] = [str(big)]
             plans["distill from it"] = {"method": "distill", "teacher": str(big)}
         for label, plan in plans.items():
-            run = base / ("pretrain-" + label.replace(", ", "-").replace(" ", "-"))
-            seconds[f"{name}/{label}"] = run_once(run, epochs, lambda run=run, plan=plan, common=common: pretrain(out=str(run), **common, **plan), console)
-            starts[label] = str(run)
+            starts[label] = []
+            for seed in range(args.seeds):
+                run = base / f"pretrain-{label.replace(', ', '-').replace(' ', '-')}-seed{seed}"
+                job = lambda run=run, plan=plan, common=common, seed=seed: pretrain(out=str(run), seed=seed, **common, **plan)  # noqa: E731
+                spent = run_once(run, epochs, job, console)
+                seconds.setdefault(f"{name}/{label}", []).append(spent)
+                starts[label].append(str(run))
         # Probes see what each start was trained at; random init and the other weights get the benchmark's size.
-        probe_config = {"crop_pct": 1.0, **image} if image else {"crop_pct": 1.0, "img_size": train_size(Path(starts[next(iter(plans))]))}
+        probe_config = {"crop_pct": 1.0, **image} if image else {"crop_pct": 1.0, "img_size": train_size(Path(starts[next(iter(plans))][0]))}
         table = {}
-        for label, start in starts.items():
-            row = {kind: probe(start, root, method=kind, data_config=probe_config, cache=base / "features")["top1"] for kind in ("linear", "knn")}
-            if not label.startswith("teacher"):
-                tuned = []
-                for seed in range(args.seeds):
-                    run = base / f"finetune-{label.replace(', ', '-').replace(' ', '-')}-seed{seed}"
-                    pretrained = None if label == "random" else start
-                    run_once(run, args.finetune_epochs, lambda run=run, seed=seed, pretrained=pretrained, root=root, image=image: train(
-                        data=root, model=model, out=str(run), pretrained=pretrained, train_fraction=args.fraction, seed=seed,
-                        epochs=args.finetune_epochs, tensorboard=False, console=console, data_config=dict(image),
-                    ), console, resume=train)  # fmt: skip
-                    tuned.append(metrics(run)[-1]["val_top1"])
-                row["finetune"], row["finetune_runs"] = statistics.median(tuned), tuned
-            table[label] = row
+        for label, runs in starts.items():
+            row: dict = {f"{kind}_runs": [] for kind in ("linear", "knn", "finetune")}
+            for seed, start in enumerate(runs):
+                for kind in ("linear", "knn"):
+                    found = probe(start, root, method=kind, seed=seed, data_config=probe_config, cache=base / "features")
+                    row[f"{kind}_runs"].append(found["top1"])
+                if label.startswith("teacher"):
+                    continue
+                run = base / f"finetune-{label.replace(', ', '-').replace(' ', '-')}-seed{seed}"
+                pretrained = None if label == "random" else start
+                run_once(run, args.finetune_epochs, lambda run=run, seed=seed, pretrained=pretrained, root=root, image=image: train(
+                    data=root, model=model, out=str(run), pretrained=pretrained, train_fraction=args.fraction, seed=seed,
+                    epochs=args.finetune_epochs, tensorboard=False, console=console, data_config=dict(image),
+                ), console, resume=train)  # fmt: skip
+                row["finetune_runs"].append(metrics(run)[-1]["val_top1"])
+            medians = {kind: statistics.median(row[f"{kind}_runs"]) for kind in ("linear", "knn", "finetune") if row[f"{kind}_runs"]}
+            table[label] = {**medians, **row}
         results[name] = table
-        console.print(f"\n{name} ({root}), {model}, pretraining {epochs} epochs with defaults; fine-tuning {args.fraction:.0%} of the labels, {args.finetune_epochs} epochs, median of {args.seeds}")
+        console.print(f"\n{name} ({root}), {model}, pretraining {epochs} epochs with defaults; fine-tuning {args.fraction:.0%} of the labels, {args.finetune_epochs} epochs; medians of {args.seeds} seeds")
         console.print(f"{'start':<34} {'linear':>8} {'kNN':>8} {'fine-tune':>10} {'seconds':>8}")
         for label, row in table.items():
             tuned = f"{row['finetune']:>10.2f}" if "finetune" in row else f"{'-':>10}"
-            console.print(f"{label:<34} {row['linear']:>8.2f} {row['knn']:>8.2f} {tuned} {seconds.get(f'{name}/{label}', 0):>8.0f}")
+            spent = seconds.get(f"{name}/{label}", 0)
+            spent = statistics.median(spent) if isinstance(spent, list) else spent
+            console.print(f"{label:<34} {row['linear']:>8.2f} {row['knn']:>8.2f} {tuned} {spent:>8.0f}")
+        methods = [m for m in REAL_METHODS if m in table]
+        if methods:
+            best = max(methods, key=lambda m: table[m]["linear"])
+            gain = table[best]["linear"] - table["random"]["linear"]
+            console.print(f"best method {best}: linear {gain:+.2f} points over the random init's median")
     summary = {"results": results, "seconds": seconds, "args": vars(args)}
     (out / "ssl_small_real.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -171,7 +188,7 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, help="default 40; with --real 20, the small-real-data table's bound")
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE["epochs"])
     parser.add_argument("--fraction", type=float, default=0.1, help="fraction of the train labels for fine-tuning")
-    parser.add_argument("--seeds", type=int, default=3, help="label draws for fine-tuning (median reported)")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning's label draws (median reported); with --real, every start's seeds: pretraining, random init, probes and label draws")
     parser.add_argument("--real", nargs="+", metavar="NAME=ROOT[@SIZE]", help="the small-real-data table on these datasets instead")
     parser.add_argument("--other", help="--real: the dataset the 'other' weights and the distillation teacher are trained on")
     parser.add_argument("--rows", nargs="+", choices=REAL_ROWS, default=list(REAL_ROWS), help="--real: the rows to run (default all; continued and distill need --other)")
