@@ -98,7 +98,7 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
     """The small-real-data table: every start (of ``--rows``) on every ``--real`` dataset."""
     out, model, epochs = Path(args.out), args.model, args.pretrain_epochs
     rows = set(args.rows)
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float | list[float]] = {}  # the other weights: one figure; each dataset's rows: one per run
     # Weights made on another dataset: the benchmark's architecture (continued pretraining starts
     # from them) and a larger teacher (distilled from), both supervised with imgrec's defaults.
     weights, teacher = out / f"other-{model}", out / "other-teacher-resnet18"
@@ -124,9 +124,9 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
             # The deployment case: a larger model pretrained on the same images, distilled into the small one.
             arch, how = DEPLOY_TEACHER
             big, label = base / f"teacher-{arch}-{how}", f"teacher {arch} {how} here"
-            seconds[f"{name}/{label}"] = run_once(
+            seconds[f"{name}/{label}"] = [run_once(
                 big, epochs, lambda big=big, common=common: pretrain(out=str(big), **{**common, "model": arch}, method=how), console
-            )
+            )]
             starts[label] = [str(big)]
             plans["distill from it"] = {"method": "distill", "teacher": str(big)}
         for label, plan in plans.items():
@@ -162,8 +162,7 @@ def small_real(args: argparse.Namespace, console: Console) -> None:
         console.print(f"{'start':<34} {'linear':>8} {'kNN':>8} {'fine-tune':>10} {'seconds':>8}")
         for label, row in table.items():
             tuned = f"{row['finetune']:>10.2f}" if "finetune" in row else f"{'-':>10}"
-            spent = seconds.get(f"{name}/{label}", 0)
-            spent = statistics.median(spent) if isinstance(spent, list) else spent
+            spent = statistics.median(seconds.get(f"{name}/{label}", [0]))
             console.print(f"{label:<34} {row['linear']:>8.2f} {row['knn']:>8.2f} {tuned} {spent:>8.0f}")
         methods = [m for m in REAL_METHODS if m in table]
         if methods:
